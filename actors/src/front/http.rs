@@ -1,0 +1,90 @@
+//! The Cocos-compatible HTTP endpoint: `GET /health` and `GET /metrics`.
+
+use actix::Addr;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use cocos_core::config::Config;
+use serde_json::json;
+
+use crate::ports::{PortAllocator, Snapshot};
+use crate::supervisor::{ListVms, Supervisor};
+
+#[derive(Clone)]
+struct HttpState {
+    instance_id: String,
+    supervisor: Addr<Supervisor>,
+    ports: Addr<PortAllocator>,
+}
+
+async fn health(State(state): State<HttpState>) -> impl IntoResponse {
+    let body = json!({
+        "status": "pass",
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": option_env!("COCOS_COMMIT").unwrap_or("unknown"),
+        "description": "manager service",
+        "build_time": option_env!("COCOS_BUILD_TIME").unwrap_or("unknown"),
+        "instance_id": state.instance_id,
+    });
+    ([(header::CONTENT_TYPE, "application/health+json")], body.to_string())
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    let vms = state.supervisor.send(ListVms).await;
+    let ports = state.ports.send(Snapshot).await;
+    let (Ok(vms), Ok(ports)) = (vms, ports) else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "manager is shutting down\n".to_string()).into_response();
+    };
+    let running = vms.iter().filter(|v| v.running).count();
+    let text = format!(
+        "# HELP cocos_manager_vms VMs known to the manager, by state.\n\
+         # TYPE cocos_manager_vms gauge\n\
+         cocos_manager_vms{{state=\"running\"}} {running}\n\
+         cocos_manager_vms{{state=\"starting\"}} {}\n\
+         # HELP cocos_manager_ports_in_use Host ports reserved for VMs.\n\
+         # TYPE cocos_manager_ports_in_use gauge\n\
+         cocos_manager_ports_in_use {}\n\
+         # HELP cocos_manager_ports_total Host ports in MANAGER_QEMU_HOST_FWD_RANGE.\n\
+         # TYPE cocos_manager_ports_total gauge\n\
+         cocos_manager_ports_total {}\n",
+        vms.len() - running,
+        ports.in_use.len(),
+        ports.range.len(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+pub async fn bind(config: &Config) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind((config.http_host.as_str(), config.http_port))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on MANAGER_HTTP_HOST:MANAGER_HTTP_PORT {}:{}: {e}",
+                config.http_host, config.http_port
+            )
+        })
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: &Config,
+    supervisor: Addr<Supervisor>,
+    ports: Addr<PortAllocator>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let state = HttpState {
+        instance_id: config.instance_id.clone(),
+        supervisor,
+        ports,
+    };
+    let router = Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| format!("HTTP server: {e}"))
+}

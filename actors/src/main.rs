@@ -1,0 +1,315 @@
+//! `cocos-manager`: launches, watches and tears down confidential VMs with
+//! QEMU on request over gRPC.
+//!
+//! Actors and the direction of their dependencies:
+//! front (gRPC, HTTP) → `Supervisor` → `CvmActor` per VM → pure core
+//! (`cocos_core`), with `PortAllocator` and `ZombieReaper` serving the VMs.
+
+mod cvm;
+mod error;
+mod front;
+mod host;
+mod ports;
+mod process;
+mod reaper;
+mod signals;
+mod supervisor;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use cocos_core::config::{self, Config, ConfigInputs, Loaded};
+use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use tracing_subscriber::{reload, EnvFilter};
+
+use crate::ports::{PortAllocator, SetRange};
+use crate::reaper::ZombieReaper;
+use crate::signals::SignalPipe;
+use crate::supervisor::{StopAll, Supervisor, UpdateConfig};
+
+const USAGE: &str = "\
+Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-default-config]
+
+  --config FILE           read settings from a TOML file (environment variables win)
+  --print-qemu-cmd        print the QEMU command line the configuration gives, and exit
+  --print-default-config  print the full default configuration file, and exit
+  --help, --version
+
+Every setting is also an environment variable (MANAGER_*); see config/cocos-manager.toml.
+SIGHUP reloads the file and the environment the manager started with.";
+
+enum Mode {
+    Run,
+    PrintQemuCmd,
+    PrintDefaultConfig,
+}
+
+struct Args {
+    config_file: Option<PathBuf>,
+    mode: Mode,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args {
+        config_file: None,
+        mode: Mode::Run,
+    };
+    let mut iter = std::env::args().skip(1);
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "--config" | "-c" => {
+                let file = iter.next().ok_or("--config needs a file")?;
+                args.config_file = Some(PathBuf::from(file));
+            }
+            s if s.starts_with("--config=") => {
+                args.config_file = Some(PathBuf::from(&s["--config=".len()..]));
+            }
+            "--print-qemu-cmd" => args.mode = Mode::PrintQemuCmd,
+            "--print-default-config" => args.mode = Mode::PrintDefaultConfig,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--version" | "-V" => {
+                println!("cocos-manager {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok(Some(args))
+}
+
+/// Everything a (re)load reads: the file named at start and the environment
+/// the process started with.
+struct ConfigSource {
+    file: Option<PathBuf>,
+    env: BTreeMap<String, String>,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<Loaded, String> {
+        let text = match &self.file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let file_name = self.file.as_ref().map(|p| p.display().to_string());
+        let cwd = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
+        let inputs = ConfigInputs {
+            file_name: file_name.as_deref(),
+            file_text: text.as_deref(),
+            env: self.env.clone(),
+            host: host::detect(),
+            cwd,
+        };
+        config::load(&inputs).map_err(|e| e.to_string())
+    }
+}
+
+type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(config: &Config) -> (FilterHandle, tracing_appender::non_blocking::WorkerGuard) {
+    use tracing_subscriber::prelude::*;
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(config.log_level.as_str()));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(writer).with_target(false))
+        .init();
+    (handle, guard)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cocos-manager: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Mode::PrintDefaultConfig = args.mode {
+        print!("{}", config::render_default_file());
+        return ExitCode::SUCCESS;
+    }
+    let source = ConfigSource {
+        file: args.config_file,
+        env: std::env::vars().collect(),
+    };
+    let loaded = match source.load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("cocos-manager: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Mode::PrintQemuCmd = args.mode {
+        for warning in &loaded.warnings {
+            eprintln!("cocos-manager: warning: {warning}");
+        }
+        let id = "00000000-0000-4000-8000-000000000000";
+        let paths = VmPaths::new(&loaded.config, id);
+        let argv = command_line(
+            &loaded.config,
+            &LaunchSpec {
+                id,
+                port: loaded.config.qemu_host_fwd_agent,
+                paths: &paths,
+                aa_kbs_params: "",
+            },
+        );
+        println!("{}", shell_quote(&argv));
+        return ExitCode::SUCCESS;
+    }
+
+    let (filter, _log_guard) = init_logging(&loaded.config);
+    for warning in &loaded.warnings {
+        warn!("{warning}");
+    }
+    let system = actix::System::new();
+    let code = system.block_on(run(source, loaded.config, filter));
+    code
+}
+
+async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> ExitCode {
+    let config = Arc::new(config);
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        tee = ?config.tee_mode(),
+        state_dir = %config.state_dir.display(),
+        ports = %config.port_range(),
+        "cocos-manager starting"
+    );
+    if let Err(e) = std::fs::create_dir_all(config.state_dir.join("vms")) {
+        error!(state_dir = %config.state_dir.display(), error = %e, "cannot create MANAGER_STATE_DIR");
+        return ExitCode::FAILURE;
+    }
+    let bind = host::forward_bind(&config);
+    let reaper = ZombieReaper::default().start();
+    let ports = PortAllocator::new(config.port_range(), bind).start();
+    let supervisor = Supervisor::new(config.clone(), ports.clone(), reaper.clone()).start();
+
+    let grpc = match front::grpc::GrpcServer::bind(&config, supervisor.clone()).await {
+        Ok(server) => server,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let http_listener = match front::http::bind(&config).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let health = grpc.health.clone();
+    let grpc_task = tokio::spawn(grpc.serve(wait_stop(stop_rx.clone())));
+    let http_task = tokio::spawn({
+        let config = config.clone();
+        let supervisor = supervisor.clone();
+        let ports = ports.clone();
+        let shutdown = wait_stop(stop_rx.clone());
+        async move { front::http::serve(http_listener, &config, supervisor, ports, shutdown).await }
+    });
+
+    let signals = (
+        SignalPipe::register(signal_hook::consts::SIGTERM),
+        SignalPipe::register(signal_hook::consts::SIGINT),
+        SignalPipe::register(signal_hook::consts::SIGHUP),
+    );
+    let (mut term, mut int, mut hup) = match signals {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        _ => {
+            error!("cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut current = config;
+    let mut grpc_task = grpc_task;
+    let reason = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                current = reload(&source, current, &filter, &supervisor, &ports);
+            }
+            result = &mut grpc_task => {
+                error!(?result, "gRPC server ended");
+                let _ = stop_tx.send(true);
+                supervisor.send(StopAll).await.ok();
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    info!(signal = reason, "shutting down: no new requests, finishing those in flight");
+    health
+        .set_service_status(front::grpc::HEALTH_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = grpc_task.await;
+    let _ = http_task.await;
+    if let Err(e) = supervisor.send(StopAll).await {
+        error!(error = %e, "supervisor unavailable at shutdown");
+    }
+    info!("cocos-manager stopped");
+    System::current().stop();
+    ExitCode::SUCCESS
+}
+
+/// SIGHUP: the new configuration replaces the old only if all of it is valid.
+fn reload(
+    source: &ConfigSource,
+    current: Arc<Config>,
+    filter: &FilterHandle,
+    supervisor: &Addr<Supervisor>,
+    ports: &Addr<PortAllocator>,
+) -> Arc<Config> {
+    info!("SIGHUP: reloading configuration");
+    let loaded = match source.load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            error!(error = %e, "reload refused; the previous configuration stays in force");
+            return current;
+        }
+    };
+    for warning in &loaded.warnings {
+        warn!("{warning}");
+    }
+    let new = Arc::new(loaded.config);
+    let changes = new.changes_from(&current);
+    if changes.is_empty() {
+        info!("reload: nothing changed");
+        return current;
+    }
+    for (name, old, value) in &changes {
+        info!(setting = name, old = %old, new = %value, "reload: setting changed");
+    }
+    let restart_only = ["MANAGER_GRPC_HOST", "MANAGER_GRPC_PORT", "MANAGER_HTTP_HOST", "MANAGER_HTTP_PORT", "MANAGER_STATE_DIR"];
+    for (name, _, _) in &changes {
+        if restart_only.contains(name) {
+            warn!(setting = name, "this setting takes effect only after a restart");
+        }
+    }
+    if let Err(e) = filter.modify(|f| *f = EnvFilter::new(new.log_level.as_str())) {
+        error!(error = %e, "cannot change the log level");
+    }
+    ports.do_send(SetRange {
+        range: new.port_range(),
+        bind: host::forward_bind(&new),
+    });
+    supervisor.do_send(UpdateConfig(new.clone()));
+    new
+}

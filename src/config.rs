@@ -1,0 +1,832 @@
+//! The manager's configuration: every setting of the user's document plus the
+//! extras the original has and a few of ours, with built-in defaults, a TOML
+//! file and the environment layered in that order, and validation that names
+//! the offending variable, file key and value.
+//!
+//! Loading is pure: the caller reads the file and the environment and passes
+//! them in, so that SIGHUP reload and tests use exactly the same path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::duration::{format_go_duration, parse_go_duration};
+use crate::ports::PortRange;
+
+/// One setting's identity: its environment name, its key in the TOML file and
+/// its built-in default (as text, exactly as an operator would write it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    pub env: &'static str,
+    pub key: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {env} (file key `{key}`) = {value:?}: {reason}")]
+    Invalid {
+        env: &'static str,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("config file {file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("config file {file}: unknown key `{key}` (known keys are listed in config/cocos-manager.toml)")]
+    UnknownFileKey { file: String, key: String },
+}
+
+/// What the host offers, detected by the caller (this crate does no I/O).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCaps {
+    pub sev_snp: bool,
+    pub tdx: bool,
+}
+
+/// Everything a load needs, gathered by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigInputs<'a> {
+    /// Name of the TOML file, for messages.
+    pub file_name: Option<&'a str>,
+    /// Content of the TOML file, if one was given.
+    pub file_text: Option<&'a str>,
+    /// The process environment (only `MANAGER_*` and `COCOS_*` are looked at).
+    pub env: BTreeMap<String, String>,
+    pub host: HostCaps,
+    /// Working directory, to make the state directory absolute.
+    pub cwd: PathBuf,
+}
+
+/// A loaded configuration and the warnings the operator should see.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// Bytes available for a unix socket path (sun_path is 108 bytes, NUL included).
+pub const UNIX_PATH_MAX: usize = 107;
+/// The longest per-VM socket path suffix below the state directory:
+/// `/vms/<36-char uuid>/console.sock`.
+pub const VM_SOCKET_SUFFIX_LEN: usize = "/vms/".len() + 36 + "/console.sock".len();
+
+/// Log levels the manager understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A QEMU size such as `2048M` or `4G`, kept as written since QEMU is the
+/// one that interprets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuSize(pub String);
+
+impl QemuSize {
+    /// The size in bytes, for checks such as memory ≤ max memory.
+    pub fn bytes(&self) -> u128 {
+        let text = self.0.as_str();
+        let (digits, suffix) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+        let base: u128 = digits.parse().unwrap_or(0);
+        let shift = match suffix.to_ascii_uppercase().as_str() {
+            "" => 20, // QEMU's -m takes MiB when no suffix is given
+            "B" => 0,
+            "K" => 10,
+            "M" => 20,
+            "G" => 30,
+            "T" => 40,
+            "P" => 50,
+            "E" => 60,
+            _ => 0,
+        };
+        base << shift
+    }
+}
+
+impl fmt::Display for QemuSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A byte count written with an optional K/M/G suffix (powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// A value that goes inside a comma-separated QEMU option: no commas, `=`,
+/// whitespace or control characters, so a setting can never add an option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuWord(pub String);
+
+impl fmt::Display for QemuWord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl QemuWord {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Parsing of one setting's text into its typed value.
+trait SettingValue: Sized {
+    fn parse_setting(text: &str) -> Result<Self, String>;
+    fn show(&self) -> String;
+}
+
+fn no_control(text: &str) -> Result<(), String> {
+    if text.chars().any(|c| c.is_control()) {
+        return Err("control characters (newline, NUL, …) are not allowed".into());
+    }
+    Ok(())
+}
+
+impl SettingValue for String {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        no_control(text)?;
+        Ok(text.to_string())
+    }
+    fn show(&self) -> String {
+        self.clone()
+    }
+}
+
+impl SettingValue for PathBuf {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        no_control(text)?;
+        Ok(PathBuf::from(text))
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl SettingValue for bool {
+    /// Go's `strconv.ParseBool` set, plus on/off and yes/no.
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text {
+            "1" | "t" | "T" | "true" | "TRUE" | "True" | "on" | "yes" => Ok(true),
+            "0" | "f" | "F" | "false" | "FALSE" | "False" | "off" | "no" => Ok(false),
+            _ => Err("expected true or false".into()),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for u16 {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| "expected a whole number from 0 to 65535".into())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for u32 {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.trim()
+            .parse()
+            .map_err(|_| "expected a whole number".into())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for f64 {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let v: f64 = text.trim().parse().map_err(|_| "expected a number".to_string())?;
+        if !v.is_finite() {
+            return Err("expected a finite number".into());
+        }
+        Ok(v)
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for Duration {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        parse_go_duration(text.trim()).map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        format_go_duration(*self)
+    }
+}
+
+impl SettingValue for LogLevel {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "trace" => Ok(LogLevel::Trace),
+            "debug" => Ok(LogLevel::Debug),
+            "info" => Ok(LogLevel::Info),
+            "warn" | "warning" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            _ => Err("expected one of trace, debug, info, warn, error".into()),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for QemuSize {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let suffix = &text[digits..];
+        let suffix_ok = suffix.is_empty()
+            || (suffix.len() == 1 && "bBkKmMgGtTpPeE".contains(suffix));
+        if digits == 0 || !suffix_ok {
+            return Err("expected a QEMU size such as 2048M or 4G".into());
+        }
+        if text[..digits].parse::<u64>().is_err() {
+            return Err("size is too large".into());
+        }
+        Ok(QemuSize(text.to_string()))
+    }
+    fn show(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl SettingValue for ByteSize {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let number: u64 = text[..digits]
+            .parse()
+            .map_err(|_| "expected a size such as 2M or 512K".to_string())?;
+        let shift = match &text[digits..] {
+            "" | "B" => 0,
+            "K" | "k" | "KiB" => 10,
+            "M" | "m" | "MiB" => 20,
+            "G" | "g" | "GiB" => 30,
+            _ => return Err("expected a size such as 2M or 512K".into()),
+        };
+        number
+            .checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| "size is too large".into())
+    }
+    fn show(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl SettingValue for QemuWord {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        if text
+            .chars()
+            .any(|c| c == ',' || c == '=' || c.is_whitespace() || c.is_control())
+        {
+            return Err("must not contain commas, '=', spaces or control characters".into());
+        }
+        Ok(QemuWord(text.to_string()))
+    }
+    fn show(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl SettingValue for PortRange {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(PortRange::EMPTY);
+        }
+        text.parse::<PortRange>().map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+macro_rules! settings {
+    ($( $field:ident : $ty:ty = $env:literal, $key:literal, $default:literal, $doc:literal; )*) => {
+        /// The manager's whole configuration, one field per setting.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Config {
+            $( #[doc = $doc] pub $field: $ty, )*
+        }
+
+        /// Every setting, in the order of the user's document.
+        pub const SETTINGS: &[Setting] = &[
+            $( Setting { env: $env, key: $key, default: $default, doc: $doc }, )*
+        ];
+
+        impl Config {
+            fn from_text(values: &BTreeMap<&'static str, String>) -> Result<Self, ConfigError> {
+                Ok(Config {
+                    $( $field: {
+                        let text = values.get($env).map(String::as_str).unwrap_or($default);
+                        <$ty as SettingValue>::parse_setting(text).map_err(|reason| ConfigError::Invalid {
+                            env: $env, key: $key, value: text.to_string(), reason,
+                        })?
+                    }, )*
+                })
+            }
+
+            /// Each setting's environment name and its value as text.
+            pub fn values(&self) -> Vec<(&'static str, String)> {
+                vec![ $( ($env, SettingValue::show(&self.$field)), )* ]
+            }
+        }
+    };
+}
+
+settings! {
+    // Core
+    instance_id: String = "MANAGER_INSTANCE_ID", "instance_id", "", "Unique identifier for the manager service";
+    grpc_host: String = "MANAGER_GRPC_HOST", "grpc.host", "localhost", "gRPC host the manager binds to";
+    grpc_port: u16 = "MANAGER_GRPC_PORT", "grpc.port", "7001", "gRPC port the manager binds to";
+    log_level: LogLevel = "MANAGER_LOG_LEVEL", "log_level", "info", "Logging verbosity: trace, debug, info, warn, error";
+    max_vms: u32 = "MANAGER_MAX_VMS", "max_vms", "10", "Most VMs running at once (0 = no limit)";
+    state_dir: PathBuf = "MANAGER_STATE_DIR", "state_dir", "/var/lib/cocos-manager", "Directory holding one folder per VM (firmware vars, shares, sockets, logs)";
+    http_host: String = "MANAGER_HTTP_HOST", "http.host", "localhost", "Host of the health and metrics HTTP endpoint";
+    http_port: u16 = "MANAGER_HTTP_PORT", "http.port", "7003", "Port of the health and metrics HTTP endpoint";
+    grpc_server_cert: PathBuf = "MANAGER_GRPC_SERVER_CERT", "grpc.server_cert", "", "Server TLS certificate (PEM); empty = plaintext";
+    grpc_server_key: PathBuf = "MANAGER_GRPC_SERVER_KEY", "grpc.server_key", "", "Server TLS private key (PEM)";
+    grpc_client_ca_certs: PathBuf = "MANAGER_GRPC_CLIENT_CA_CERTS", "grpc.client_ca_certs", "", "CA for client certificates; set = mutual TLS required";
+    // Client-side settings (read by clients that reach the manager).
+    grpc_url: String = "MANAGER_GRPC_URL", "client.grpc_url", "localhost:7001", "Client side: address of the manager";
+    grpc_timeout: Duration = "MANAGER_GRPC_TIMEOUT", "client.grpc_timeout", "60s", "Client side: timeout of one gRPC request";
+    grpc_client_cert: PathBuf = "MANAGER_GRPC_CLIENT_CERT", "client.grpc_client_cert", "", "Client side: client certificate";
+    grpc_client_key: PathBuf = "MANAGER_GRPC_CLIENT_KEY", "client.grpc_client_key", "", "Client side: client private key";
+    grpc_server_ca_certs: PathBuf = "MANAGER_GRPC_SERVER_CA_CERTS", "client.grpc_server_ca_certs", "", "Client side: CA that signed the manager's certificate";
+    // Attestation
+    attestation_policy_binary: PathBuf = "MANAGER_ATTESTATION_POLICY_BINARY", "attestation.policy_binary", "../../build/attestation_policy", "Attestation policy binary";
+    igvmmeasure_binary: PathBuf = "MANAGER_IGVMMEASURE_BINARY", "attestation.igvmmeasure_binary", "../../build/igvmmeasure", "IGVM measure binary";
+    pcr_values: PathBuf = "MANAGER_PCR_VALUES", "attestation.pcr_values", "", "Expected PCR values file";
+    // QEMU: basics
+    qemu_bin_path: PathBuf = "MANAGER_QEMU_BIN_PATH", "qemu.bin_path", "qemu-system-x86_64", "QEMU binary";
+    qemu_use_sudo: bool = "MANAGER_QEMU_USE_SUDO", "qemu.use_sudo", "false", "Run QEMU through sudo";
+    qemu_machine: QemuWord = "MANAGER_QEMU_MACHINE", "qemu.machine", "q35", "QEMU machine type";
+    qemu_cpu: QemuWord = "MANAGER_QEMU_CPU", "qemu.cpu", "EPYC", "CPU model";
+    qemu_enable_kvm: bool = "MANAGER_QEMU_ENABLE_KVM", "qemu.enable_kvm", "true", "Enable KVM acceleration";
+    qemu_no_graphic: bool = "MANAGER_QEMU_NO_GRAPHIC", "qemu.no_graphic", "true", "Disable graphical display";
+    qemu_monitor: QemuWord = "MANAGER_QEMU_MONITOR", "qemu.monitor", "pty", "Human monitor type";
+    // QEMU: memory and CPUs
+    qemu_memory_size: QemuSize = "MANAGER_QEMU_MEMORY_SIZE", "qemu.memory_size", "2048M", "Guest memory size";
+    qemu_memory_slots: u32 = "MANAGER_QEMU_MEMORY_SLOTS", "qemu.memory_slots", "5", "Memory hotplug slots";
+    qemu_max_memory: QemuSize = "MANAGER_QEMU_MAX_MEMORY", "qemu.max_memory", "30G", "Maximum memory size";
+    qemu_smp_count: u32 = "MANAGER_QEMU_SMP_COUNT", "qemu.smp_count", "4", "Virtual CPUs";
+    qemu_smp_maxcpus: u32 = "MANAGER_QEMU_SMP_MAXCPUS", "qemu.smp_maxcpus", "64", "Maximum virtual CPUs";
+    qemu_mem_id: QemuWord = "MANAGER_QEMU_MEM_ID", "qemu.mem_id", "ram1", "Memory backend id";
+    // QEMU: OVMF
+    qemu_ovmf_code_file: PathBuf = "MANAGER_QEMU_OVMF_CODE_FILE", "qemu.ovmf_code_file", "/usr/share/OVMF/OVMF_CODE.fd", "OVMF code file";
+    qemu_ovmf_vars_file: PathBuf = "MANAGER_QEMU_OVMF_VARS_FILE", "qemu.ovmf_vars_file", "/usr/share/OVMF/OVMF_VARS.fd", "OVMF variables template (each VM gets its own copy)";
+    qemu_ovmf_code_if: QemuWord = "MANAGER_QEMU_OVMF_CODE_IF", "qemu.ovmf_code_if", "pflash", "OVMF code drive interface";
+    qemu_ovmf_code_format: QemuWord = "MANAGER_QEMU_OVMF_CODE_FORMAT", "qemu.ovmf_code_format", "raw", "OVMF code file format";
+    qemu_ovmf_code_unit: u32 = "MANAGER_QEMU_OVMF_CODE_UNIT", "qemu.ovmf_code_unit", "0", "OVMF code unit";
+    qemu_ovmf_code_readonly: QemuWord = "MANAGER_QEMU_OVMF_CODE_READONLY", "qemu.ovmf_code_readonly", "on", "OVMF code read-only";
+    qemu_ovmf_vars_if: QemuWord = "MANAGER_QEMU_OVMF_VARS_IF", "qemu.ovmf_vars_if", "pflash", "OVMF variables drive interface";
+    qemu_ovmf_vars_format: QemuWord = "MANAGER_QEMU_OVMF_VARS_FORMAT", "qemu.ovmf_vars_format", "raw", "OVMF variables file format";
+    qemu_ovmf_vars_unit: u32 = "MANAGER_QEMU_OVMF_VARS_UNIT", "qemu.ovmf_vars_unit", "1", "OVMF variables unit";
+    qemu_ovmf_version: String = "MANAGER_QEMU_OVMF_VERSION", "qemu.ovmf_version", "", "EDK2 version of the OVMF build (reported by CVMInfo)";
+    // QEMU: network
+    qemu_netdev_id: QemuWord = "MANAGER_QEMU_NETDEV_ID", "qemu.netdev_id", "vmnic", "Network device id prefix";
+    qemu_host_fwd_agent: u16 = "MANAGER_QEMU_HOST_FWD_AGENT", "qemu.host_fwd_agent", "7020", "Host port for the agent when the range is empty (and in --print-qemu-cmd)";
+    qemu_guest_fwd_agent: u16 = "MANAGER_QEMU_GUEST_FWD_AGENT", "qemu.guest_fwd_agent", "7002", "Guest port of the agent";
+    qemu_host_fwd_range: PortRange = "MANAGER_QEMU_HOST_FWD_RANGE", "qemu.host_fwd_range", "6100-6200", "Host ports handed to VMs, START-END";
+    qemu_host_fwd_bind: QemuWord = "MANAGER_QEMU_HOST_FWD_BIND", "qemu.host_fwd_bind", "", "Host address the forwarded ports bind to (empty = all)";
+    qemu_virtio_net_pci_disable_legacy: QemuWord = "MANAGER_QEMU_VIRTIO_NET_PCI_DISABLE_LEGACY", "qemu.virtio_net_pci_disable_legacy", "on", "virtio-net disable-legacy";
+    qemu_virtio_net_pci_iommu_platform: bool = "MANAGER_QEMU_VIRTIO_NET_PCI_IOMMU_PLATFORM", "qemu.virtio_net_pci_iommu_platform", "true", "virtio-net iommu_platform";
+    qemu_virtio_net_pci_addr: QemuWord = "MANAGER_QEMU_VIRTIO_NET_PCI_ADDR", "qemu.virtio_net_pci_addr", "0x2", "virtio-net PCI address";
+    qemu_virtio_net_pci_romfile: PathBuf = "MANAGER_QEMU_VIRTIO_NET_PCI_ROMFILE", "qemu.virtio_net_pci_romfile", "", "virtio-net ROM file";
+    // QEMU: kernel, rootfs, disk
+    qemu_disk_img_kernel_file: PathBuf = "MANAGER_QEMU_DISK_IMG_KERNEL_FILE", "qemu.disk_img_kernel_file", "img/bzImage", "Guest kernel";
+    qemu_disk_img_rootfs_file: PathBuf = "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE", "qemu.disk_img_rootfs_file", "img/rootfs.cpio.gz", "Guest initramfs";
+    qemu_kernel_cmdline: String = "MANAGER_QEMU_KERNEL_CMDLINE", "qemu.kernel_cmdline", "quiet console=null", "Guest kernel command line";
+    qemu_enable_disk: bool = "MANAGER_QEMU_ENABLE_DISK", "qemu.enable_disk", "false", "Give each VM a writable copy of the source disk";
+    qemu_src_disk_file: PathBuf = "MANAGER_QEMU_SRC_DISK_FILE", "qemu.src_disk_file", "img/enc_os.qcow2", "Source disk image";
+    qemu_disk_id: QemuWord = "MANAGER_QEMU_DISK_ID", "qemu.disk_id", "disk0", "Disk drive id";
+    qemu_disk_format: QemuWord = "MANAGER_QEMU_DISK_FORMAT", "qemu.disk_format", "qcow2", "Disk format";
+    qemu_disk_scsi_id: QemuWord = "MANAGER_QEMU_DISK_SCSI_ID", "qemu.disk_scsi_id", "scsi0", "virtio-scsi controller id";
+    // QEMU: 9p shares
+    qemu_certs_mount: PathBuf = "MANAGER_QEMU_CERTS_MOUNT", "qemu.certs_mount", "", "Base directory for per-VM certificate shares (empty = inside the VM folder)";
+    qemu_env_mount: PathBuf = "MANAGER_QEMU_ENV_MOUNT", "qemu.env_mount", "", "Base directory for per-VM environment shares (empty = inside the VM folder)";
+    // SEV-SNP
+    qemu_enable_sev_snp: bool = "MANAGER_QEMU_ENABLE_SEV_SNP", "qemu.enable_sev_snp", "true", "Enable SEV-SNP (when neither SEV-SNP nor TDX is set, the host is detected)";
+    qemu_sev_snp_id: QemuWord = "MANAGER_QEMU_SEV_SNP_ID", "qemu.sev_snp_id", "sev0", "SEV-SNP object id prefix";
+    qemu_sev_snp_cbitpos: u32 = "MANAGER_QEMU_SEV_SNP_CBITPOS", "qemu.sev_snp_cbitpos", "51", "C-bit position";
+    qemu_sev_snp_reduced_phys_bits: u32 = "MANAGER_QEMU_SEV_SNP_REDUCED_PHYS_BITS", "qemu.sev_snp_reduced_phys_bits", "1", "Reduced physical address bits";
+    qemu_enable_host_data: bool = "MANAGER_QEMU_ENABLE_HOST_DATA", "qemu.enable_host_data", "false", "Pass SEV-SNP host data";
+    qemu_host_data: String = "MANAGER_QEMU_HOST_DATA", "qemu.host_data", "", "SEV-SNP host data, base64 of 32 bytes";
+    // TDX
+    qemu_enable_tdx: bool = "MANAGER_QEMU_ENABLE_TDX", "qemu.enable_tdx", "false", "Enable TDX";
+    qemu_tdx_id: QemuWord = "MANAGER_QEMU_TDX_ID", "qemu.tdx_id", "tdx0", "TDX object id prefix";
+    qemu_quote_generation_port: u32 = "MANAGER_QEMU_QUOTE_GENERATION_PORT", "qemu.quote_generation_port", "4050", "Quote Generation Service vsock port";
+    qemu_ovmf_file: PathBuf = "MANAGER_QEMU_OVMF_FILE", "qemu.ovmf_file", "/usr/share/ovmf/OVMF.fd", "Combined OVMF for TDX";
+    // IGVM
+    qemu_igvm_id: QemuWord = "MANAGER_QEMU_IGVM_ID", "qemu.igvm_id", "igvm0", "IGVM object id";
+    qemu_igvm_file: PathBuf = "MANAGER_QEMU_IGVM_FILE", "qemu.igvm_file", "/root/coconut-qemu.igvm", "IGVM file (empty = SEV-SNP boots OVMF with -bios and kernel hashes)";
+    // Observability
+    jaeger_url: String = "COCOS_JAEGER_URL", "jaeger.url", "http://localhost:4318", "Jaeger (OTLP HTTP) endpoint";
+    jaeger_trace_ratio: f64 = "COCOS_JAEGER_TRACE_RATIO", "jaeger.trace_ratio", "1.0", "Trace sampling ratio, 0 to 1";
+    eos_version: String = "MANAGER_EOS_VERSION", "eos_version", "", "EOS version of the guest image (reported by CVMInfo)";
+    // Lifecycle (ours)
+    start_timeout: Duration = "MANAGER_START_TIMEOUT", "lifecycle.start_timeout", "30s", "How long QEMU has to answer on its control socket after start";
+    stop_powerdown_timeout: Duration = "MANAGER_STOP_POWERDOWN_TIMEOUT", "lifecycle.stop_powerdown_timeout", "10s", "Remove: wait this long for the guest to power off after an ACPI power-down";
+    stop_quit_timeout: Duration = "MANAGER_STOP_QUIT_TIMEOUT", "lifecycle.stop_quit_timeout", "5s", "Remove: wait this long after QMP quit";
+    stop_term_timeout: Duration = "MANAGER_STOP_TERM_TIMEOUT", "lifecycle.stop_term_timeout", "5s", "Remove: wait this long after SIGTERM before SIGKILL";
+    stop_kill_timeout: Duration = "MANAGER_STOP_KILL_TIMEOUT", "lifecycle.stop_kill_timeout", "5s", "Remove: wait this long after SIGKILL before reporting an error";
+    vm_log_max_size: ByteSize = "MANAGER_VM_LOG_MAX_SIZE", "lifecycle.vm_log_max_size", "2M", "Size at which a VM's console log is rotated";
+    vm_log_files: u32 = "MANAGER_VM_LOG_FILES", "lifecycle.vm_log_files", "3", "Console log files kept per VM, the live one included";
+}
+
+/// Which confidential-computing technology VMs are launched with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TeeMode {
+    None,
+    /// SEV-SNP booting an IGVM file.
+    SevSnpIgvm,
+    /// SEV-SNP booting OVMF with `-bios` and measured kernel hashes.
+    SevSnpOvmf,
+    Tdx,
+}
+
+impl Config {
+    pub fn tee_mode(&self) -> TeeMode {
+        if self.qemu_enable_tdx {
+            TeeMode::Tdx
+        } else if self.qemu_enable_sev_snp {
+            if self.qemu_igvm_file.as_os_str().is_empty() {
+                TeeMode::SevSnpOvmf
+            } else {
+                TeeMode::SevSnpIgvm
+            }
+        } else {
+            TeeMode::None
+        }
+    }
+
+    /// The host ports VMs may use: the range, or the single agent port when
+    /// the range is empty.
+    pub fn port_range(&self) -> PortRange {
+        if self.qemu_host_fwd_range.is_empty() {
+            PortRange::single(self.qemu_host_fwd_agent)
+        } else {
+            self.qemu_host_fwd_range
+        }
+    }
+
+    /// Settings whose value differs, as `(env name, old, new)`.
+    pub fn changes_from(&self, old: &Config) -> Vec<(&'static str, String, String)> {
+        old.values()
+            .into_iter()
+            .zip(self.values())
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((env, a), (_, b))| (env, a, b))
+            .collect()
+    }
+
+    /// Loads the built-in defaults only (used by tests and as a base).
+    pub fn defaults() -> Config {
+        match Config::from_text(&BTreeMap::new()) {
+            Ok(config) => config,
+            Err(e) => unreachable!("built-in defaults must parse: {e}"),
+        }
+    }
+
+    fn setting(env: &str) -> &'static Setting {
+        match SETTINGS.iter().find(|s| s.env == env) {
+            Some(s) => s,
+            None => unreachable!("unknown setting {env}"),
+        }
+    }
+
+    fn invalid(env: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            env,
+            key: Config::setting(env).key,
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Checks that need several settings at once.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.qemu_enable_sev_snp && self.qemu_enable_tdx {
+            return Err(ConfigError::Conflict(
+                "MANAGER_QEMU_ENABLE_SEV_SNP and MANAGER_QEMU_ENABLE_TDX are both true: a VM can use only one".into(),
+            ));
+        }
+        if self.grpc_port == 0 {
+            return Err(Config::invalid("MANAGER_GRPC_PORT", "0", "must be from 1 to 65535"));
+        }
+        if self.http_port == 0 {
+            return Err(Config::invalid("MANAGER_HTTP_PORT", "0", "must be from 1 to 65535"));
+        }
+        if self.qemu_host_fwd_range.is_empty() && self.qemu_host_fwd_agent == 0 {
+            return Err(Config::invalid(
+                "MANAGER_QEMU_HOST_FWD_AGENT",
+                "0",
+                "must be from 1 to 65535 when MANAGER_QEMU_HOST_FWD_RANGE is empty",
+            ));
+        }
+        if self.qemu_guest_fwd_agent == 0 {
+            return Err(Config::invalid("MANAGER_QEMU_GUEST_FWD_AGENT", "0", "must be from 1 to 65535"));
+        }
+        if self.qemu_smp_count == 0 {
+            return Err(Config::invalid("MANAGER_QEMU_SMP_COUNT", "0", "must be at least 1"));
+        }
+        if self.qemu_smp_maxcpus < self.qemu_smp_count {
+            return Err(Config::invalid(
+                "MANAGER_QEMU_SMP_MAXCPUS",
+                self.qemu_smp_maxcpus.to_string(),
+                format!("must be at least MANAGER_QEMU_SMP_COUNT ({})", self.qemu_smp_count),
+            ));
+        }
+        if self.qemu_max_memory.bytes() < self.qemu_memory_size.bytes() {
+            return Err(Config::invalid(
+                "MANAGER_QEMU_MAX_MEMORY",
+                self.qemu_max_memory.0.clone(),
+                format!("must be at least MANAGER_QEMU_MEMORY_SIZE ({})", self.qemu_memory_size),
+            ));
+        }
+        if self.qemu_bin_path.as_os_str().is_empty() {
+            return Err(Config::invalid("MANAGER_QEMU_BIN_PATH", "", "must not be empty"));
+        }
+        if !(0.0..=1.0).contains(&self.jaeger_trace_ratio) {
+            return Err(Config::invalid(
+                "COCOS_JAEGER_TRACE_RATIO",
+                self.jaeger_trace_ratio.to_string(),
+                "must be from 0 to 1",
+            ));
+        }
+        if self.qemu_enable_host_data {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(self.qemu_host_data.as_bytes());
+            if !matches!(decoded, Ok(ref bytes) if bytes.len() == 32) {
+                return Err(Config::invalid(
+                    "MANAGER_QEMU_HOST_DATA",
+                    self.qemu_host_data.clone(),
+                    "must be the base64 encoding of exactly 32 bytes when MANAGER_QEMU_ENABLE_HOST_DATA is true",
+                ));
+            }
+        }
+        let has_cert = !self.grpc_server_cert.as_os_str().is_empty();
+        let has_key = !self.grpc_server_key.as_os_str().is_empty();
+        if has_cert != has_key {
+            return Err(ConfigError::Conflict(
+                "MANAGER_GRPC_SERVER_CERT and MANAGER_GRPC_SERVER_KEY must be set together".into(),
+            ));
+        }
+        if !self.grpc_client_ca_certs.as_os_str().is_empty() && !has_cert {
+            return Err(ConfigError::Conflict(
+                "MANAGER_GRPC_CLIENT_CA_CERTS (mutual TLS) needs MANAGER_GRPC_SERVER_CERT and MANAGER_GRPC_SERVER_KEY".into(),
+            ));
+        }
+        if self.vm_log_files == 0 {
+            return Err(Config::invalid("MANAGER_VM_LOG_FILES", "0", "must be at least 1"));
+        }
+        if self.vm_log_max_size.0 < 4096 {
+            return Err(Config::invalid(
+                "MANAGER_VM_LOG_MAX_SIZE",
+                self.vm_log_max_size.0.to_string(),
+                "must be at least 4K",
+            ));
+        }
+        if self.start_timeout.is_zero() {
+            return Err(Config::invalid("MANAGER_START_TIMEOUT", "0s", "must be positive"));
+        }
+        let state_dir = self.state_dir.to_string_lossy();
+        if !self.state_dir.is_absolute() {
+            return Err(Config::invalid("MANAGER_STATE_DIR", state_dir, "must be an absolute path"));
+        }
+        if state_dir.len() + VM_SOCKET_SUFFIX_LEN > UNIX_PATH_MAX {
+            return Err(Config::invalid(
+                "MANAGER_STATE_DIR",
+                state_dir.clone(),
+                format!(
+                    "is {} bytes long; at most {} bytes leave room for the per-VM control sockets (unix socket paths are limited to 108 bytes)",
+                    state_dir.len(),
+                    UNIX_PATH_MAX - VM_SOCKET_SUFFIX_LEN
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Flattens a parsed TOML file into dotted keys with their text values.
+fn flatten_file(
+    prefix: &str,
+    table: &config::Map<String, config::Value>,
+    out: &mut BTreeMap<String, Result<String, String>>,
+) {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match &value.kind {
+            config::ValueKind::Table(inner) => flatten_file(&key, inner, out),
+            config::ValueKind::Array(_) => {
+                out.insert(key, Err("expected a single value, found an array".into()));
+            }
+            config::ValueKind::Nil => {}
+            _ => {
+                let text = value
+                    .clone()
+                    .into_string()
+                    .map_err(|e| format!("unreadable value: {e}"));
+                out.insert(key, text);
+            }
+        }
+    }
+}
+
+fn env_prefix_is_ours(name: &str) -> bool {
+    name.starts_with("MANAGER_") || name.starts_with("COCOS_")
+}
+
+/// Loads a configuration from defaults, the file and the environment, in
+/// that order of precedence, then validates the whole.
+pub fn load(inputs: &ConfigInputs<'_>) -> Result<Loaded, ConfigError> {
+    let file_name = inputs.file_name.unwrap_or("<config>").to_string();
+    let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+    let mut explicit: BTreeSet<&'static str> = BTreeSet::new();
+    let mut warnings = Vec::new();
+
+    if let Some(text) = inputs.file_text {
+        let parsed = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize::<config::Map<String, config::Value>>())
+            .map_err(|e| ConfigError::File {
+                file: file_name.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut flat = BTreeMap::new();
+        flatten_file("", &parsed, &mut flat);
+        for (key, value) in flat {
+            let setting = SETTINGS
+                .iter()
+                .find(|s| s.key == key)
+                .ok_or_else(|| ConfigError::UnknownFileKey {
+                    file: file_name.clone(),
+                    key: key.clone(),
+                })?;
+            let text = value.map_err(|reason| ConfigError::Invalid {
+                env: setting.env,
+                key: setting.key,
+                value: String::new(),
+                reason,
+            })?;
+            values.insert(setting.env, text);
+            explicit.insert(setting.env);
+        }
+    }
+
+    for (name, value) in &inputs.env {
+        if !env_prefix_is_ours(name) {
+            continue;
+        }
+        match SETTINGS.iter().find(|s| s.env == name) {
+            Some(setting) => {
+                values.insert(setting.env, value.clone());
+                explicit.insert(setting.env);
+            }
+            None if name.starts_with("MANAGER_") => {
+                warnings.push(format!(
+                    "unknown environment variable {name} is ignored (a typo? known settings are listed in config/cocos-manager.toml)"
+                ));
+            }
+            None => {}
+        }
+    }
+
+    let mut config = Config::from_text(&values)?;
+
+    // An explicit setting always wins; a technology the operator left unset
+    // follows what the host offers.
+    let sev_explicit = explicit.contains("MANAGER_QEMU_ENABLE_SEV_SNP");
+    let tdx_explicit = explicit.contains("MANAGER_QEMU_ENABLE_TDX");
+    if !sev_explicit {
+        config.qemu_enable_sev_snp = inputs.host.sev_snp && !(tdx_explicit && config.qemu_enable_tdx);
+    }
+    if !tdx_explicit {
+        config.qemu_enable_tdx = inputs.host.tdx && !config.qemu_enable_sev_snp;
+    }
+
+    if config.state_dir.is_relative() {
+        config.state_dir = inputs.cwd.join(&config.state_dir);
+    }
+    config.state_dir = normalize(&config.state_dir);
+
+    config.validate()?;
+    Ok(Loaded { config, warnings })
+}
+
+/// Removes `.` and `..` components without touching the filesystem.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// Renders the full default configuration file, every key commented with its
+/// environment name: the source of `config/cocos-manager.toml`.
+pub fn render_default_file() -> String {
+    let mut out = String::from(
+        "# Cocos manager configuration: every setting with its built-in default.\n\
+         # Precedence: built-in defaults < this file < environment variables.\n\
+         # Each key names the environment variable that overrides it.\n\
+         # Start with: cocos-manager --config /etc/cocos-manager/cocos-manager.toml\n",
+    );
+    // TOML wants top-level keys before the first table.
+    let mut sections: Vec<(&str, Vec<(&str, &Setting)>)> = vec![("", Vec::new())];
+    for setting in SETTINGS {
+        let (sec, name) = setting.key.rsplit_once('.').unwrap_or(("", setting.key));
+        match sections.iter_mut().find(|(s, _)| *s == sec) {
+            Some((_, items)) => items.push((name, setting)),
+            None => sections.push((sec, vec![(name, setting)])),
+        }
+    }
+    for (sec, items) in sections {
+        if !sec.is_empty() {
+            out.push_str(&format!("\n[{sec}]\n"));
+        } else {
+            out.push('\n');
+        }
+        for (name, setting) in items {
+            out.push_str(&format!("# {} ({})\n", setting.doc, setting.env));
+            // Left commented so that, unset, the host is detected.
+            let detected = matches!(
+                setting.env,
+                "MANAGER_QEMU_ENABLE_SEV_SNP" | "MANAGER_QEMU_ENABLE_TDX"
+            );
+            let lead = if detected { "# " } else { "" };
+            out.push_str(&format!("{lead}{name} = {}\n", toml_literal(setting)));
+        }
+    }
+    out
+}
+
+fn toml_literal(setting: &Setting) -> String {
+    let bools = [
+        "MANAGER_QEMU_USE_SUDO",
+        "MANAGER_QEMU_ENABLE_KVM",
+        "MANAGER_QEMU_NO_GRAPHIC",
+        "MANAGER_QEMU_VIRTIO_NET_PCI_IOMMU_PLATFORM",
+        "MANAGER_QEMU_ENABLE_DISK",
+        "MANAGER_QEMU_ENABLE_SEV_SNP",
+        "MANAGER_QEMU_ENABLE_HOST_DATA",
+        "MANAGER_QEMU_ENABLE_TDX",
+    ];
+    let is_number = !setting.default.is_empty()
+        && setting.default.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if bools.contains(&setting.env) || (is_number && setting.env != "MANAGER_QEMU_VIRTIO_NET_PCI_ADDR") {
+        setting.default.to_string()
+    } else {
+        format!("{:?}", setting.default)
+    }
+}
+
+#[cfg(test)]
+mod tests;
