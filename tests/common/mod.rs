@@ -1,0 +1,297 @@
+//! Test harness: runs the real `cocos-manager` binary with a private state
+//! directory and private ports, and talks to it over real sockets.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cocos_core::proto::manager_service_client::ManagerServiceClient;
+use tonic::transport::Channel;
+
+pub type Client = ManagerServiceClient<Channel>;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The daemon built next to this test binary (target/<profile>/cocos-manager).
+pub fn manager_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("cocos-manager");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// The development guest, built by packaging/dev-guest/build.sh.
+pub fn dev_guest() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("COCOS_DEV_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/dev-guest"));
+    let kernel = dir.join("bzImage");
+    let rootfs = dir.join("rootfs.cpio.gz");
+    assert!(
+        kernel.exists() && rootfs.exists(),
+        "the development guest is missing in {}: run packaging/dev-guest/build.sh",
+        dir.display()
+    );
+    (kernel, rootfs)
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A free block of `n` consecutive ports, away from the ephemeral range.
+pub fn free_port_range(n: u16) -> (u16, u16) {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let pid_offset = (std::process::id() % 200) as u16 * 50;
+    loop {
+        let start = 20000 + pid_offset + NEXT.fetch_add(n + 1, Ordering::SeqCst);
+        if (start..start + n).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+            return (start, start + n - 1);
+        }
+    }
+}
+
+pub struct Manager {
+    pub child: Option<Child>,
+    pub state_dir: tempfile::TempDir,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub range: (u16, u16),
+    pub log_path: PathBuf,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Manager {
+    /// The development profile (real guest, TCG) with test-sized timeouts.
+    pub fn dev_env(range: (u16, u16)) -> BTreeMap<String, String> {
+        let (kernel, rootfs) = dev_guest();
+        let mut env = BTreeMap::new();
+        let mut set = |k: &str, v: &str| {
+            env.insert(k.to_string(), v.to_string());
+        };
+        set("MANAGER_QEMU_HOST_FWD_RANGE", &format!("{}-{}", range.0, range.1));
+        set("MANAGER_QEMU_DISK_IMG_KERNEL_FILE", &kernel.to_string_lossy());
+        set("MANAGER_QEMU_DISK_IMG_ROOTFS_FILE", &rootfs.to_string_lossy());
+        set("MANAGER_STOP_POWERDOWN_TIMEOUT", "5s");
+        set("MANAGER_LOG_LEVEL", "debug");
+        env
+    }
+
+    pub fn start(extra_env: &[(&str, &str)]) -> Manager {
+        let range = free_port_range(4);
+        let mut env = Manager::dev_env(range);
+        for (k, v) in extra_env {
+            env.insert(k.to_string(), v.to_string());
+        }
+        Manager::start_with(env, range)
+    }
+
+    pub fn start_with(env: BTreeMap<String, String>, range: (u16, u16)) -> Manager {
+        let state_dir = tempfile::Builder::new()
+            .prefix("cocos-t")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let grpc_port = free_port();
+        let http_port = free_port();
+        let log_path = state_dir.path().join("manager.log");
+        let mut manager = Manager {
+            child: None,
+            state_dir,
+            grpc_port,
+            http_port,
+            range,
+            log_path,
+            env,
+        };
+        manager.spawn();
+        manager
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("manager log");
+        let mut cmd = Command::new(manager_binary());
+        cmd.arg("--config")
+            .arg(repo_root().join("config/dev.toml"))
+            .current_dir(repo_root())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("MANAGER_STATE_DIR", self.state_dir.path().join("state"))
+            .env("MANAGER_GRPC_HOST", "127.0.0.1")
+            .env("MANAGER_GRPC_PORT", self.grpc_port.to_string())
+            .env("MANAGER_HTTP_HOST", "127.0.0.1")
+            .env("MANAGER_HTTP_PORT", self.http_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start cocos-manager"));
+        self.wait_serving();
+    }
+
+    fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("cocos-manager exited at start ({status}):\n{}", self.log());
+                }
+            }
+            if TcpStream::connect(("127.0.0.1", self.grpc_port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("cocos-manager did not listen in time:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.path().join("state/vms")
+    }
+
+    /// Folders of VMs under the state directory.
+    pub fn vm_folders(&self) -> Vec<String> {
+        std::fs::read_dir(self.vms_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Client {
+        let url = format!("http://127.0.0.1:{}", self.grpc_port);
+        ManagerServiceClient::connect(url).await.expect("gRPC connection")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// Sends a signal and waits for the manager to exit.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(60));
+        }
+        // Whatever a failed test left behind must not outlive it.
+        for pid in qemu_pids_under(self.state_dir.path()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn pids_matching(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && cmdline.contains("-name cocos-") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
+    pids_matching(&dir.to_string_lossy())
+}
+
+/// Whether `pid` exists at all (a zombie counts as existing).
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// A plain HTTP/1.0 GET; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP response: {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
+    Ok((status, body.to_string()))
+}
+
+/// Waits for the guest agent to answer `ok` on /health through `port`.
+pub fn wait_agent(port: u16, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match http_get(port, "/health") {
+            Ok((200, body)) if body.trim() == "ok" => return Ok(()),
+            Ok(other) => last = format!("{other:?}"),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!("agent on port {port} did not answer within {limit:?}; last: {last}"))
+}
+
+pub fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
