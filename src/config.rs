@@ -112,7 +112,10 @@ impl QemuSize {
     /// The size in bytes, for checks such as memory ≤ max memory.
     pub fn bytes(&self) -> u128 {
         let text = self.0.as_str();
-        let (digits, suffix) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+        let (digits, suffix) = text.split_at(
+            text.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len()),
+        );
         let base: u128 = digits.parse().unwrap_or(0);
         let shift = match suffix.to_ascii_uppercase().as_str() {
             "" => 20, // QEMU's -m takes MiB when no suffix is given
@@ -230,7 +233,10 @@ impl SettingValue for u32 {
 
 impl SettingValue for f64 {
     fn parse_setting(text: &str) -> Result<Self, String> {
-        let v: f64 = text.trim().parse().map_err(|_| "expected a number".to_string())?;
+        let v: f64 = text
+            .trim()
+            .parse()
+            .map_err(|_| "expected a number".to_string())?;
         if !v.is_finite() {
             return Err("expected a finite number".into());
         }
@@ -268,10 +274,12 @@ impl SettingValue for LogLevel {
 
 impl SettingValue for QemuSize {
     fn parse_setting(text: &str) -> Result<Self, String> {
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let suffix = &text[digits..];
-        let suffix_ok = suffix.is_empty()
-            || (suffix.len() == 1 && "bBkKmMgGtTpPeE".contains(suffix));
+        let suffix_ok =
+            suffix.is_empty() || (suffix.len() == 1 && "bBkKmMgGtTpPeE".contains(suffix));
         if digits == 0 || !suffix_ok {
             return Err("expected a QEMU size such as 2048M or 4G".into());
         }
@@ -288,7 +296,9 @@ impl SettingValue for QemuSize {
 impl SettingValue for ByteSize {
     fn parse_setting(text: &str) -> Result<Self, String> {
         let text = text.trim();
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let number: u64 = text[..digits]
             .parse()
             .map_err(|_| "expected a size such as 2M or 512K".to_string())?;
@@ -530,7 +540,11 @@ impl Config {
         }
     }
 
-    fn invalid(env: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    fn invalid(
+        env: &'static str,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             env,
             key: Config::setting(env).key,
@@ -547,10 +561,18 @@ impl Config {
             ));
         }
         if self.grpc_port == 0 {
-            return Err(Config::invalid("MANAGER_GRPC_PORT", "0", "must be from 1 to 65535"));
+            return Err(Config::invalid(
+                "MANAGER_GRPC_PORT",
+                "0",
+                "must be from 1 to 65535",
+            ));
         }
         if self.http_port == 0 {
-            return Err(Config::invalid("MANAGER_HTTP_PORT", "0", "must be from 1 to 65535"));
+            return Err(Config::invalid(
+                "MANAGER_HTTP_PORT",
+                "0",
+                "must be from 1 to 65535",
+            ));
         }
         if self.qemu_host_fwd_range.is_empty() && self.qemu_host_fwd_agent == 0 {
             return Err(Config::invalid(
@@ -560,27 +582,45 @@ impl Config {
             ));
         }
         if self.qemu_guest_fwd_agent == 0 {
-            return Err(Config::invalid("MANAGER_QEMU_GUEST_FWD_AGENT", "0", "must be from 1 to 65535"));
+            return Err(Config::invalid(
+                "MANAGER_QEMU_GUEST_FWD_AGENT",
+                "0",
+                "must be from 1 to 65535",
+            ));
         }
         if self.qemu_smp_count == 0 {
-            return Err(Config::invalid("MANAGER_QEMU_SMP_COUNT", "0", "must be at least 1"));
+            return Err(Config::invalid(
+                "MANAGER_QEMU_SMP_COUNT",
+                "0",
+                "must be at least 1",
+            ));
         }
         if self.qemu_smp_maxcpus < self.qemu_smp_count {
             return Err(Config::invalid(
                 "MANAGER_QEMU_SMP_MAXCPUS",
                 self.qemu_smp_maxcpus.to_string(),
-                format!("must be at least MANAGER_QEMU_SMP_COUNT ({})", self.qemu_smp_count),
+                format!(
+                    "must be at least MANAGER_QEMU_SMP_COUNT ({})",
+                    self.qemu_smp_count
+                ),
             ));
         }
         if self.qemu_max_memory.bytes() < self.qemu_memory_size.bytes() {
             return Err(Config::invalid(
                 "MANAGER_QEMU_MAX_MEMORY",
                 self.qemu_max_memory.0.clone(),
-                format!("must be at least MANAGER_QEMU_MEMORY_SIZE ({})", self.qemu_memory_size),
+                format!(
+                    "must be at least MANAGER_QEMU_MEMORY_SIZE ({})",
+                    self.qemu_memory_size
+                ),
             ));
         }
         if self.qemu_bin_path.as_os_str().is_empty() {
-            return Err(Config::invalid("MANAGER_QEMU_BIN_PATH", "", "must not be empty"));
+            return Err(Config::invalid(
+                "MANAGER_QEMU_BIN_PATH",
+                "",
+                "must not be empty",
+            ));
         }
         if !(0.0..=1.0).contains(&self.jaeger_trace_ratio) {
             return Err(Config::invalid(
@@ -591,7 +631,8 @@ impl Config {
         }
         if self.qemu_enable_host_data {
             use base64::Engine as _;
-            let decoded = base64::engine::general_purpose::STANDARD.decode(self.qemu_host_data.as_bytes());
+            let decoded =
+                base64::engine::general_purpose::STANDARD.decode(self.qemu_host_data.as_bytes());
             if !matches!(decoded, Ok(ref bytes) if bytes.len() == 32) {
                 return Err(Config::invalid(
                     "MANAGER_QEMU_HOST_DATA",
@@ -613,7 +654,11 @@ impl Config {
             ));
         }
         if self.vm_log_files == 0 {
-            return Err(Config::invalid("MANAGER_VM_LOG_FILES", "0", "must be at least 1"));
+            return Err(Config::invalid(
+                "MANAGER_VM_LOG_FILES",
+                "0",
+                "must be at least 1",
+            ));
         }
         if self.vm_log_max_size.0 < 4096 {
             return Err(Config::invalid(
@@ -623,11 +668,19 @@ impl Config {
             ));
         }
         if self.start_timeout.is_zero() {
-            return Err(Config::invalid("MANAGER_START_TIMEOUT", "0s", "must be positive"));
+            return Err(Config::invalid(
+                "MANAGER_START_TIMEOUT",
+                "0s",
+                "must be positive",
+            ));
         }
         let state_dir = self.state_dir.to_string_lossy();
         if !self.state_dir.is_absolute() {
-            return Err(Config::invalid("MANAGER_STATE_DIR", state_dir, "must be an absolute path"));
+            return Err(Config::invalid(
+                "MANAGER_STATE_DIR",
+                state_dir,
+                "must be an absolute path",
+            ));
         }
         if state_dir.len() + VM_SOCKET_SUFFIX_LEN > UNIX_PATH_MAX {
             return Err(Config::invalid(
@@ -697,13 +750,12 @@ pub fn load(inputs: &ConfigInputs<'_>) -> Result<Loaded, ConfigError> {
         let mut flat = BTreeMap::new();
         flatten_file("", &parsed, &mut flat);
         for (key, value) in flat {
-            let setting = SETTINGS
-                .iter()
-                .find(|s| s.key == key)
-                .ok_or_else(|| ConfigError::UnknownFileKey {
+            let setting = SETTINGS.iter().find(|s| s.key == key).ok_or_else(|| {
+                ConfigError::UnknownFileKey {
                     file: file_name.clone(),
                     key: key.clone(),
-                })?;
+                }
+            })?;
             let text = value.map_err(|reason| ConfigError::Invalid {
                 env: setting.env,
                 key: setting.key,
@@ -740,7 +792,8 @@ pub fn load(inputs: &ConfigInputs<'_>) -> Result<Loaded, ConfigError> {
     let sev_explicit = explicit.contains("MANAGER_QEMU_ENABLE_SEV_SNP");
     let tdx_explicit = explicit.contains("MANAGER_QEMU_ENABLE_TDX");
     if !sev_explicit {
-        config.qemu_enable_sev_snp = inputs.host.sev_snp && !(tdx_explicit && config.qemu_enable_tdx);
+        config.qemu_enable_sev_snp =
+            inputs.host.sev_snp && !(tdx_explicit && config.qemu_enable_tdx);
     }
     if !tdx_explicit {
         config.qemu_enable_tdx = inputs.host.tdx && !config.qemu_enable_sev_snp;
@@ -820,8 +873,13 @@ fn toml_literal(setting: &Setting) -> String {
         "MANAGER_QEMU_ENABLE_TDX",
     ];
     let is_number = !setting.default.is_empty()
-        && setting.default.chars().all(|c| c.is_ascii_digit() || c == '.');
-    if bools.contains(&setting.env) || (is_number && setting.env != "MANAGER_QEMU_VIRTIO_NET_PCI_ADDR") {
+        && setting
+            .default
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.');
+    if bools.contains(&setting.env)
+        || (is_number && setting.env != "MANAGER_QEMU_VIRTIO_NET_PCI_ADDR")
+    {
         setting.default.to_string()
     } else {
         format!("{:?}", setting.default)

@@ -158,7 +158,9 @@ mod tests {
 
     #[test]
     fn refuses_bad_input() {
-        for bad in ["", "5", "s", "1x", "1.2.3s", "abc", "1h 30m", "h1", "1..s", "."] {
+        for bad in [
+            "", "5", "s", "1x", "1.2.3s", "abc", "1h 30m", "h1", "1..s", ".",
+        ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(matches!(

@@ -83,7 +83,10 @@ impl ValidatedCreate {
 
 fn check_text(field: &'static str, value: &str) -> Result<(), FieldError> {
     if value.len() > MAX_FIELD_BYTES {
-        return Err(field_error(field, format!("longer than {MAX_FIELD_BYTES} bytes")));
+        return Err(field_error(
+            field,
+            format!("longer than {MAX_FIELD_BYTES} bytes"),
+        ));
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(field_error(
@@ -127,7 +130,10 @@ pub fn validate_create(req: &CreateReq) -> Result<ValidatedCreate, FieldError> {
         ("agent_cvm_client_cert", &req.agent_cvm_client_cert),
     ] {
         if value.len() > MAX_CERT_BYTES {
-            return Err(field_error(field, format!("larger than {MAX_CERT_BYTES} bytes")));
+            return Err(field_error(
+                field,
+                format!("larger than {MAX_CERT_BYTES} bytes"),
+            ));
         }
     }
     let ttl = if req.ttl.is_empty() {
@@ -135,7 +141,10 @@ pub fn validate_create(req: &CreateReq) -> Result<ValidatedCreate, FieldError> {
     } else {
         let ttl = parse_go_duration(&req.ttl).map_err(|e| field_error("ttl", e.to_string()))?;
         if ttl.is_zero() {
-            return Err(field_error("ttl", "must be positive (leave it empty for no TTL)"));
+            return Err(field_error(
+                "ttl",
+                "must be positive (leave it empty for no TTL)",
+            ));
         }
         Some(ttl)
     };
@@ -203,7 +212,10 @@ mod tests {
         );
         assert_eq!(v.ttl, Some(Duration::from_secs(5400)));
         let names: Vec<_> = v.certs.iter().map(|c| (c.name, c.secret)).collect();
-        assert_eq!(names, [("cert.pem", false), ("key.pem", true), ("ca.pem", false)]);
+        assert_eq!(
+            names,
+            [("cert.pem", false), ("key.pem", true), ("ca.pem", false)]
+        );
     }
 
     #[test]
@@ -219,18 +231,40 @@ mod tests {
 
     #[test]
     fn refuses_injection() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut CreateReq)>)> = vec![
-            ("agent_log_level", Box::new(|r| r.agent_log_level = "info\nEVIL=1".into())),
-            ("agent_cvm_server_url", Box::new(|r| r.agent_cvm_server_url = "a\rb".into())),
-            ("agent_certs_token", Box::new(|r| r.agent_certs_token = "a\0b".into())),
+        type Mutation = Box<dyn Fn(&mut CreateReq)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            (
+                "agent_log_level",
+                Box::new(|r| r.agent_log_level = "info\nEVIL=1".into()),
+            ),
+            (
+                "agent_cvm_server_url",
+                Box::new(|r| r.agent_cvm_server_url = "a\rb".into()),
+            ),
+            (
+                "agent_certs_token",
+                Box::new(|r| r.agent_certs_token = "a\0b".into()),
+            ),
             ("aws_region", Box::new(|r| r.aws_region = "x\ny".into())),
-            ("aa_kbs_params", Box::new(|r| r.aa_kbs_params = "a init=/bin/sh".into())),
-            ("aa_kbs_params", Box::new(|r| r.aa_kbs_params = "a\"b".into())),
+            (
+                "aa_kbs_params",
+                Box::new(|r| r.aa_kbs_params = "a init=/bin/sh".into()),
+            ),
+            (
+                "aa_kbs_params",
+                Box::new(|r| r.aa_kbs_params = "a\"b".into()),
+            ),
             ("ttl", Box::new(|r| r.ttl = "abc".into())),
             ("ttl", Box::new(|r| r.ttl = "-5s".into())),
             ("ttl", Box::new(|r| r.ttl = "0s".into())),
-            ("agent_cvm_client_key", Box::new(|r| r.agent_cvm_client_key = vec![0; MAX_CERT_BYTES + 1])),
-            ("agent_cvm_ca_url", Box::new(|r| r.agent_cvm_ca_url = "x".repeat(MAX_FIELD_BYTES + 1))),
+            (
+                "agent_cvm_client_key",
+                Box::new(|r| r.agent_cvm_client_key = vec![0; MAX_CERT_BYTES + 1]),
+            ),
+            (
+                "agent_cvm_ca_url",
+                Box::new(|r| r.agent_cvm_ca_url = "x".repeat(MAX_FIELD_BYTES + 1)),
+            ),
         ];
         for (field, mutate) in cases {
             let mut req = full_request();
@@ -242,8 +276,10 @@ mod tests {
 
     #[test]
     fn binary_certificates_are_kept_as_sent() {
-        let mut req = CreateReq::default();
-        req.agent_cvm_client_key = vec![0, 10, 13, 255];
+        let req = CreateReq {
+            agent_cvm_client_key: vec![0, 10, 13, 255],
+            ..Default::default()
+        };
         let v = validate_create(&req).expect("binary content is fine in a file");
         assert_eq!(v.certs[0].content, vec![0, 10, 13, 255]);
     }

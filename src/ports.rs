@@ -28,7 +28,10 @@ impl PortRange {
     pub const EMPTY: PortRange = PortRange { start: 1, end: 0 };
 
     pub fn single(port: u16) -> PortRange {
-        PortRange { start: port, end: port }
+        PortRange {
+            start: port,
+            end: port,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,16 +168,48 @@ mod tests {
 
     #[test]
     fn parses_ranges() {
-        assert_eq!("6100-6200".parse(), Ok(PortRange { start: 6100, end: 6200 }));
-        assert_eq!(" 1-65535 ".parse(), Ok(PortRange { start: 1, end: 65535 }));
+        assert_eq!(
+            "6100-6200".parse(),
+            Ok(PortRange {
+                start: 6100,
+                end: 6200
+            })
+        );
+        assert_eq!(
+            " 1-65535 ".parse(),
+            Ok(PortRange {
+                start: 1,
+                end: 65535
+            })
+        );
         assert_eq!("7000-7000".parse::<PortRange>().map(|r| r.len()), Ok(1));
-        assert_eq!("6200-6100".parse::<PortRange>(), Err(PortRangeError::Reversed));
-        assert_eq!("0-10".parse::<PortRange>(), Err(PortRangeError::OutOfBounds));
-        assert_eq!("1-65536".parse::<PortRange>(), Err(PortRangeError::OutOfBounds));
+        assert_eq!(
+            "6200-6100".parse::<PortRange>(),
+            Err(PortRangeError::Reversed)
+        );
+        assert_eq!(
+            "0-10".parse::<PortRange>(),
+            Err(PortRangeError::OutOfBounds)
+        );
+        assert_eq!(
+            "1-65536".parse::<PortRange>(),
+            Err(PortRangeError::OutOfBounds)
+        );
         for bad in ["6100", "a-b", "6100-", "-6200", "6100:6200", ""] {
-            assert_eq!(bad.parse::<PortRange>(), Err(PortRangeError::Syntax), "{bad}");
+            assert_eq!(
+                bad.parse::<PortRange>(),
+                Err(PortRangeError::Syntax),
+                "{bad}"
+            );
         }
-        assert_eq!(PortRange { start: 6100, end: 6200 }.to_string(), "6100-6200");
+        assert_eq!(
+            PortRange {
+                start: 6100,
+                end: 6200
+            }
+            .to_string(),
+            "6100-6200"
+        );
         assert!(PortRange::EMPTY.is_empty());
         assert_eq!(PortRange::EMPTY.len(), 0);
     }

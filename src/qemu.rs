@@ -67,7 +67,10 @@ pub fn kernel_cmdline(config: &Config, aa_kbs_params: &str) -> String {
     if aa_kbs_params.is_empty() {
         config.qemu_kernel_cmdline.clone()
     } else {
-        format!("{} agent.aa_kbc_params={aa_kbs_params}", config.qemu_kernel_cmdline)
+        format!(
+            "{} agent.aa_kbc_params={aa_kbs_params}",
+            config.qemu_kernel_cmdline
+        )
     }
 }
 
@@ -96,7 +99,10 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
     }
     push(&[
         "-smp",
-        &format!("{},maxcpus={}", config.qemu_smp_count, config.qemu_smp_maxcpus),
+        &format!(
+            "{},maxcpus={}",
+            config.qemu_smp_count, config.qemu_smp_maxcpus
+        ),
     ]);
     push(&[
         "-m",
@@ -164,7 +170,10 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
             "-device",
             &format!("virtio-scsi-pci,id={scsi_id},disable-legacy=on,iommu_platform=true"),
         ]);
-        push(&["-device", &format!("scsi-hd,drive={disk_id},bus={scsi_id}.0")]);
+        push(&[
+            "-device",
+            &format!("scsi-hd,drive={disk_id},bus={scsi_id}.0"),
+        ]);
     }
 
     let memfd = format!(
@@ -174,7 +183,8 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
     match mode {
         TeeMode::SevSnpIgvm | TeeMode::SevSnpOvmf => {
             let sev_id = format!("{}-{id}", config.qemu_sev_snp_id);
-            let mut machine = format!("confidential-guest-support={sev_id},memory-backend={mem_id}");
+            let mut machine =
+                format!("confidential-guest-support={sev_id},memory-backend={mem_id}");
             if mode == TeeMode::SevSnpIgvm {
                 machine.push_str(&format!(",igvm-cfg={}", config.qemu_igvm_id));
             }
@@ -228,9 +238,15 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
     }
 
     if !config.qemu_enable_disk {
-        push(&["-kernel", &config.qemu_disk_img_kernel_file.to_string_lossy()]);
+        push(&[
+            "-kernel",
+            &config.qemu_disk_img_kernel_file.to_string_lossy(),
+        ]);
         push(&["-append", &kernel_cmdline(config, spec.aa_kbs_params)]);
-        push(&["-initrd", &config.qemu_disk_img_rootfs_file.to_string_lossy()]);
+        push(&[
+            "-initrd",
+            &config.qemu_disk_img_rootfs_file.to_string_lossy(),
+        ]);
     }
 
     if config.qemu_no_graphic {
@@ -251,14 +267,20 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
                 opt(dir)
             ),
         ]);
-        push(&["-device", &format!("virtio-9p-pci,fsdev={fs_id},mount_tag={tag}")]);
+        push(&[
+            "-device",
+            &format!("virtio-9p-pci,fsdev={fs_id},mount_tag={tag}"),
+        ]);
     }
 
     // Ours: a name for ps, the QMP control socket and the serial console.
     push(&["-name", &format!("cocos-{id}")]);
     push(&[
         "-chardev",
-        &format!("socket,id=qmp,path={},server=on,wait=off", opt(&spec.paths.qmp_socket)),
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            opt(&spec.paths.qmp_socket)
+        ),
     ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
     push(&[

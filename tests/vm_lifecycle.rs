@@ -14,9 +14,12 @@ const AGENT_BOOT_LIMIT: Duration = Duration::from_secs(180);
 fn request() -> CreateReq {
     CreateReq {
         agent_log_level: "debug".into(),
-        agent_cvm_server_ca_cert: b"-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".to_vec(),
-        agent_cvm_client_key: b"-----BEGIN PRIVATE KEY-----\nKEY\n-----END PRIVATE KEY-----\n".to_vec(),
-        agent_cvm_client_cert: b"-----BEGIN CERTIFICATE-----\nCERT\n-----END CERTIFICATE-----\n".to_vec(),
+        agent_cvm_server_ca_cert: b"-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n"
+            .to_vec(),
+        agent_cvm_client_key: b"-----BEGIN PRIVATE KEY-----\nKEY\n-----END PRIVATE KEY-----\n"
+            .to_vec(),
+        agent_cvm_client_cert: b"-----BEGIN CERTIFICATE-----\nCERT\n-----END CERTIFICATE-----\n"
+            .to_vec(),
         agent_cvm_server_url: "cvms.example:7001".into(),
         agent_cvm_ca_url: "https://ca.example".into(),
         ttl: String::new(),
@@ -62,11 +65,18 @@ async fn create_boot_query_remove() {
     let manager = Manager::start_with(Manager::dev_env(range), range);
     let mut client = manager.client().await;
 
-    let created = client.create_vm(request()).await.expect("CreateVm").into_inner();
+    let created = client
+        .create_vm(request())
+        .await
+        .expect("CreateVm")
+        .into_inner();
     let port: u16 = created.forwarded_port.parse().expect("decimal port");
     assert_eq!(port, range.0);
     let id = created.cvm_id.clone();
-    assert_eq!(uuid::Uuid::parse_str(&id).expect("uuid").get_version_num(), 4);
+    assert_eq!(
+        uuid::Uuid::parse_str(&id).expect("uuid").get_version_num(),
+        4
+    );
 
     let pids = pids_matching(&id);
     assert_eq!(pids.len(), 1, "one QEMU for the VM");
@@ -93,7 +103,9 @@ async fn create_boot_query_remove() {
 
     // The key is a secret on the host too.
     let key = manager.vms_dir().join(&id).join("certs/key.pem");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).expect("key.pem").permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key).expect("key.pem").permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
 
     let info = client
@@ -104,19 +116,44 @@ async fn create_boot_query_remove() {
     assert_eq!(info.id, id);
     assert_eq!(info.cpu_num, 1);
     assert_eq!(info.cpu_type, "max");
-    assert_eq!(info.kernel_cmd, "console=ttyS0 quiet agent.aa_kbc_params=cc_kbc::http://kbs.example:8080");
+    assert_eq!(
+        info.kernel_cmd,
+        "console=ttyS0 quiet agent.aa_kbc_params=cc_kbc::http://kbs.example:8080"
+    );
 
-    client.remove_vm(RemoveReq { cvm_id: id.clone() }).await.expect("RemoveVm");
-    assert!(!process_exists(pid), "QEMU {pid} still exists after RemoveVm (zombie: {})", is_zombie(pid));
-    assert!(!manager.vms_dir().join(&id).exists(), "VM folder left behind");
+    client
+        .remove_vm(RemoveReq { cvm_id: id.clone() })
+        .await
+        .expect("RemoveVm");
+    assert!(
+        !process_exists(pid),
+        "QEMU {pid} still exists after RemoveVm (zombie: {})",
+        is_zombie(pid)
+    );
+    assert!(
+        !manager.vms_dir().join(&id).exists(),
+        "VM folder left behind"
+    );
     assert!(port_is_free(port), "forwarded port still bound");
-    let err = client.cvm_info(CvmInfoReq { id: id.clone() }).await.expect_err("gone");
+    let err = client
+        .cvm_info(CvmInfoReq { id: id.clone() })
+        .await
+        .expect_err("gone");
     assert_eq!(err.code(), Code::NotFound);
 
     // The only port of the range is free again for the next VM.
-    let again = client.create_vm(request()).await.expect("second CreateVm").into_inner();
+    let again = client
+        .create_vm(request())
+        .await
+        .expect("second CreateVm")
+        .into_inner();
     assert_eq!(again.forwarded_port, port.to_string());
-    client.remove_vm(RemoveReq { cvm_id: again.cvm_id }).await.expect("RemoveVm");
+    client
+        .remove_vm(RemoveReq {
+            cvm_id: again.cvm_id,
+        })
+        .await
+        .expect("RemoveVm");
     assert!(manager.vm_folders().is_empty());
 }
 
@@ -161,7 +198,9 @@ async fn concurrent_creates_get_distinct_reachable_ports() {
     }
 }
 
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = futures.into_iter().collect();
     let mut out = Vec::new();
     // Poll all at once: start them on the runtime, then collect in order.
@@ -195,9 +234,15 @@ async fn unknown_ids_are_not_found() {
     let manager = Manager::start(&[]);
     let mut client = manager.client().await;
     for id in ["", "nope", "e71cdcf5-21c0-4e1d-9471-ac6b4389d5f3"] {
-        let err = client.remove_vm(RemoveReq { cvm_id: id.into() }).await.expect_err("unknown");
+        let err = client
+            .remove_vm(RemoveReq { cvm_id: id.into() })
+            .await
+            .expect_err("unknown");
         assert_eq!(err.code(), Code::NotFound, "{id}: {err}");
-        let err = client.cvm_info(CvmInfoReq { id: id.into() }).await.expect_err("unknown");
+        let err = client
+            .cvm_info(CvmInfoReq { id: id.into() })
+            .await
+            .expect_err("unknown");
         assert_eq!(err.code(), Code::NotFound, "{id}: {err}");
     }
 }
@@ -207,11 +252,41 @@ async fn bad_requests_create_nothing() {
     let manager = Manager::start(&[]);
     let mut client = manager.client().await;
     let cases: Vec<(&str, CreateReq)> = vec![
-        ("ttl", CreateReq { ttl: "ten minutes".into(), ..request() }),
-        ("ttl", CreateReq { ttl: "-5s".into(), ..request() }),
-        ("agent_log_level", CreateReq { agent_log_level: "info\nAGENT_EVIL=1".into(), ..request() }),
-        ("agent_certs_token", CreateReq { agent_certs_token: "a\0b".into(), ..request() }),
-        ("aa_kbs_params", CreateReq { aa_kbs_params: "x init=/bin/sh".into(), ..request() }),
+        (
+            "ttl",
+            CreateReq {
+                ttl: "ten minutes".into(),
+                ..request()
+            },
+        ),
+        (
+            "ttl",
+            CreateReq {
+                ttl: "-5s".into(),
+                ..request()
+            },
+        ),
+        (
+            "agent_log_level",
+            CreateReq {
+                agent_log_level: "info\nAGENT_EVIL=1".into(),
+                ..request()
+            },
+        ),
+        (
+            "agent_certs_token",
+            CreateReq {
+                agent_certs_token: "a\0b".into(),
+                ..request()
+            },
+        ),
+        (
+            "aa_kbs_params",
+            CreateReq {
+                aa_kbs_params: "x init=/bin/sh".into(),
+                ..request()
+            },
+        ),
     ];
     for (field, req) in cases {
         let err = client.create_vm(req).await.expect_err("refused");
@@ -227,17 +302,25 @@ async fn ttl_expiry_removes_the_vm() {
     let manager = Manager::start(&[("MANAGER_STOP_POWERDOWN_TIMEOUT", "1s")]);
     let mut client = manager.client().await;
     let created = client
-        .create_vm(CreateReq { ttl: "2s".into(), ..request() })
+        .create_vm(CreateReq {
+            ttl: "2s".into(),
+            ..request()
+        })
         .await
         .expect("CreateVm")
         .into_inner();
     let id = created.cvm_id.clone();
     let port: u16 = created.forwarded_port.parse().expect("port");
     let pid = pids_matching(&id)[0];
-    client.cvm_info(CvmInfoReq { id: id.clone() }).await.expect("exists before the TTL");
+    client
+        .cvm_info(CvmInfoReq { id: id.clone() })
+        .await
+        .expect("exists before the TTL");
     let dir = manager.vms_dir().join(&id);
     assert!(
-        eventually(Duration::from_secs(30), || !process_exists(pid) && !dir.exists()).await,
+        eventually(Duration::from_secs(30), || !process_exists(pid)
+            && !dir.exists())
+        .await,
         "TTL did not remove the VM:\n{}",
         manager.log()
     );
@@ -267,23 +350,45 @@ async fn vm_limit_holds_under_concurrency() {
     let mut client = client;
     for created in ok {
         client
-            .remove_vm(RemoveReq { cvm_id: created.get_ref().cvm_id.clone() })
+            .remove_vm(RemoveReq {
+                cvm_id: created.get_ref().cvm_id.clone(),
+            })
             .await
             .expect("RemoveVm");
     }
     // With the slots free again a create succeeds.
-    let created = client.create_vm(request()).await.expect("CreateVm after removes").into_inner();
-    client.remove_vm(RemoveReq { cvm_id: created.cvm_id }).await.expect("RemoveVm");
+    let created = client
+        .create_vm(request())
+        .await
+        .expect("CreateVm after removes")
+        .into_inner();
+    client
+        .remove_vm(RemoveReq {
+            cvm_id: created.cvm_id,
+        })
+        .await
+        .expect("RemoveVm");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_that_cannot_start_leaves_nothing() {
     let manager = Manager::start(&[("MANAGER_QEMU_DISK_IMG_KERNEL_FILE", "/nonexistent/bzImage")]);
     let mut client = manager.client().await;
-    let err = client.create_vm(request()).await.expect_err("QEMU cannot start");
+    let err = client
+        .create_vm(request())
+        .await
+        .expect_err("QEMU cannot start");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(err.message().contains("/nonexistent/bzImage"), "QEMU's own line expected: {}", err.message());
-    assert!(manager.vm_folders().is_empty(), "{:?}", manager.vm_folders());
+    assert!(
+        err.message().contains("/nonexistent/bzImage"),
+        "QEMU's own line expected: {}",
+        err.message()
+    );
+    assert!(
+        manager.vm_folders().is_empty(),
+        "{:?}",
+        manager.vm_folders()
+    );
     assert!(qemu_pids_under(manager.state_dir.path()).is_empty());
     for port in manager.range.0..=manager.range.1 {
         assert!(port_is_free(port));
@@ -292,12 +397,18 @@ async fn qemu_that_cannot_start_leaves_nothing() {
     // A QEMU binary that does not exist at all.
     let mut manager = manager;
     manager.stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30));
-    manager.env.insert("MANAGER_QEMU_BIN_PATH".into(), "/nonexistent/qemu".into());
+    manager
+        .env
+        .insert("MANAGER_QEMU_BIN_PATH".into(), "/nonexistent/qemu".into());
     manager.spawn();
     let mut client = manager.client().await;
     let err = client.create_vm(request()).await.expect_err("no QEMU");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(err.message().contains("/nonexistent/qemu"), "{}", err.message());
+    assert!(
+        err.message().contains("/nonexistent/qemu"),
+        "{}",
+        err.message()
+    );
     assert!(manager.vm_folders().is_empty());
 }
 
@@ -308,11 +419,20 @@ async fn a_taken_forwarded_port_is_skipped() {
     // Another process holds the first port of the range.
     let _holder = std::net::TcpListener::bind(("0.0.0.0", range.0)).expect("hold port");
     let mut client = manager.client().await;
-    let created = client.create_vm(request()).await.expect("CreateVm").into_inner();
+    let created = client
+        .create_vm(request())
+        .await
+        .expect("CreateVm")
+        .into_inner();
     assert_eq!(created.forwarded_port, range.1.to_string());
     // The range has no other free port.
     let err = client.create_vm(request()).await.expect_err("no port left");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
-    client.remove_vm(RemoveReq { cvm_id: created.cvm_id }).await.expect("RemoveVm");
+    client
+        .remove_vm(RemoveReq {
+            cvm_id: created.cvm_id,
+        })
+        .await
+        .expect("RemoveVm");
     assert!(manager.vm_folders().is_empty());
 }

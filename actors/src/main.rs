@@ -9,6 +9,7 @@ mod cvm;
 mod error;
 mod front;
 mod host;
+mod notify;
 mod ports;
 mod process;
 mod reaper;
@@ -102,7 +103,8 @@ impl ConfigSource {
             None => None,
         };
         let file_name = self.file.as_ref().map(|p| p.display().to_string());
-        let cwd = std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?;
+        let cwd = std::env::current_dir()
+            .map_err(|e| format!("cannot read the working directory: {e}"))?;
         let inputs = ConfigInputs {
             file_name: file_name.as_deref(),
             file_text: text.as_deref(),
@@ -122,7 +124,11 @@ fn init_logging(config: &Config) -> (FilterHandle, tracing_appender::non_blockin
     let (filter, handle) = reload::Layer::new(EnvFilter::new(config.log_level.as_str()));
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(writer).with_target(false))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_target(false),
+        )
         .init();
     (handle, guard)
 }
@@ -175,8 +181,7 @@ fn main() -> ExitCode {
         warn!("{warning}");
     }
     let system = actix::System::new();
-    let code = system.block_on(run(source, loaded.config, filter));
-    code
+    system.block_on(run(source, loaded.config, filter))
 }
 
 async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> ExitCode {
@@ -237,6 +242,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             return ExitCode::FAILURE;
         }
     };
+    notify::notify("READY=1");
     let mut current = config;
     let mut grpc_task = grpc_task;
     let reason = loop {
@@ -254,9 +260,15 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             }
         }
     };
-    info!(signal = reason, "shutting down: no new requests, finishing those in flight");
+    info!(
+        signal = reason,
+        "shutting down: no new requests, finishing those in flight"
+    );
     health
-        .set_service_status(front::grpc::HEALTH_SERVICE, tonic_health::ServingStatus::NotServing)
+        .set_service_status(
+            front::grpc::HEALTH_SERVICE,
+            tonic_health::ServingStatus::NotServing,
+        )
         .await;
     let _ = stop_tx.send(true);
     let _ = grpc_task.await;
@@ -278,6 +290,19 @@ fn reload(
     ports: &Addr<PortAllocator>,
 ) -> Arc<Config> {
     info!("SIGHUP: reloading configuration");
+    notify::notify("RELOADING=1");
+    let new = reload_config(source, current, filter, supervisor, ports);
+    notify::notify("READY=1");
+    new
+}
+
+fn reload_config(
+    source: &ConfigSource,
+    current: Arc<Config>,
+    filter: &FilterHandle,
+    supervisor: &Addr<Supervisor>,
+    ports: &Addr<PortAllocator>,
+) -> Arc<Config> {
     let loaded = match source.load() {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -297,10 +322,19 @@ fn reload(
     for (name, old, value) in &changes {
         info!(setting = name, old = %old, new = %value, "reload: setting changed");
     }
-    let restart_only = ["MANAGER_GRPC_HOST", "MANAGER_GRPC_PORT", "MANAGER_HTTP_HOST", "MANAGER_HTTP_PORT", "MANAGER_STATE_DIR"];
+    let restart_only = [
+        "MANAGER_GRPC_HOST",
+        "MANAGER_GRPC_PORT",
+        "MANAGER_HTTP_HOST",
+        "MANAGER_HTTP_PORT",
+        "MANAGER_STATE_DIR",
+    ];
     for (name, _, _) in &changes {
         if restart_only.contains(name) {
-            warn!(setting = name, "this setting takes effect only after a restart");
+            warn!(
+                setting = name,
+                "this setting takes effect only after a restart"
+            );
         }
     }
     if let Err(e) = filter.modify(|f| *f = EnvFilter::new(new.log_level.as_str())) {

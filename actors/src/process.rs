@@ -18,7 +18,9 @@ impl ExitStatus {
     pub fn from_wait(status: WaitStatus) -> Option<(i32, ExitStatus)> {
         match status {
             WaitStatus::Exited(pid, code) => Some((pid.as_raw(), ExitStatus::Exited(code))),
-            WaitStatus::Signaled(pid, sig, _) => Some((pid.as_raw(), ExitStatus::Signaled(sig as i32))),
+            WaitStatus::Signaled(pid, sig, _) => {
+                Some((pid.as_raw(), ExitStatus::Signaled(sig as i32)))
+            }
             _ => None,
         }
     }

@@ -28,7 +28,12 @@ impl SignalPipe {
     pub async fn recv(&mut self) -> io::Result<()> {
         loop {
             match self.reader.read(&mut self.buf).await {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "signal pipe closed")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "signal pipe closed",
+                    ))
+                }
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

@@ -47,8 +47,6 @@ pub struct ListVms;
 
 #[derive(Debug, Clone)]
 pub struct VmSummary {
-    pub id: String,
-    pub port: Option<u16>,
     pub running: bool,
 }
 
@@ -67,7 +65,11 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(config: Arc<Config>, ports: Addr<PortAllocator>, reaper: Addr<ZombieReaper>) -> Supervisor {
+    pub fn new(
+        config: Arc<Config>,
+        ports: Addr<PortAllocator>,
+        reaper: Addr<ZombieReaper>,
+    ) -> Supervisor {
         Supervisor {
             config,
             ports,
@@ -87,7 +89,9 @@ impl Handler<CreateVm> for Supervisor {
 
     fn handle(&mut self, msg: CreateVm, ctx: &mut Self::Context) -> Self::Result {
         if !self.accepting {
-            return Box::pin(fut::ready(Err(ApiError::Unavailable("the manager is shutting down".into()))));
+            return Box::pin(fut::ready(Err(ApiError::Unavailable(
+                "the manager is shutting down".into(),
+            ))));
         }
         let max = self.config.max_vms as usize;
         if max > 0 && self.vms.len() >= max {
@@ -121,24 +125,28 @@ impl Handler<CreateVm> for Supervisor {
             },
         );
         info!(vm = %id, total = self.vms.len(), "creating VM");
-        Box::pin(addr.send(Boot).into_actor(self).map(move |result, act, _ctx| {
-            let result = result.map_err(ApiError::from).and_then(|r| r);
-            match result {
-                Ok(booted) => {
-                    if let Some(entry) = act.vms.get_mut(&id) {
-                        entry.port = Some(booted.port);
+        Box::pin(
+            addr.send(Boot)
+                .into_actor(self)
+                .map(move |result, act, _ctx| {
+                    let result = result.map_err(ApiError::from).and_then(|r| r);
+                    match result {
+                        Ok(booted) => {
+                            if let Some(entry) = act.vms.get_mut(&id) {
+                                entry.port = Some(booted.port);
+                            }
+                            Ok(CreateRes {
+                                forwarded_port: booted.port.to_string(),
+                                cvm_id: id,
+                            })
+                        }
+                        Err(e) => {
+                            act.vms.remove(&id);
+                            Err(e)
+                        }
                     }
-                    Ok(CreateRes {
-                        forwarded_port: booted.port.to_string(),
-                        cvm_id: id,
-                    })
-                }
-                Err(e) => {
-                    act.vms.remove(&id);
-                    Err(e)
-                }
-            }
-        }))
+                }),
+        )
     }
 }
 
@@ -148,7 +156,9 @@ impl Handler<RemoveVm> for Supervisor {
     fn handle(&mut self, msg: RemoveVm, _ctx: &mut Self::Context) -> Self::Result {
         let Some(entry) = self.vms.get(&msg.0) else {
             let id = msg.0;
-            return Box::pin(async move { Err(ApiError::NotFound(format!("no VM with id {id:?}"))) });
+            return Box::pin(
+                async move { Err(ApiError::NotFound(format!("no VM with id {id:?}"))) },
+            );
         };
         let stop = entry.addr.send(Stop { reason: "RemoveVm" });
         Box::pin(async move { stop.await.map_err(ApiError::from).and_then(|r| r) })
@@ -193,10 +203,8 @@ impl Handler<ListVms> for Supervisor {
 
     fn handle(&mut self, _: ListVms, _ctx: &mut Self::Context) -> Vec<VmSummary> {
         self.vms
-            .iter()
-            .map(|(id, entry)| VmSummary {
-                id: id.clone(),
-                port: entry.port,
+            .values()
+            .map(|entry| VmSummary {
                 running: entry.port.is_some(),
             })
             .collect()
@@ -211,7 +219,11 @@ impl Handler<StopAll> for Supervisor {
         let stops: Vec<_> = self
             .vms
             .values()
-            .map(|entry| entry.addr.send(Stop { reason: "manager shutdown" }))
+            .map(|entry| {
+                entry.addr.send(Stop {
+                    reason: "manager shutdown",
+                })
+            })
             .collect();
         info!(count = stops.len(), "stopping all VMs");
         Box::pin(async move {

@@ -5,7 +5,10 @@ const ID: &str = "e71cdcf5-21c0-4e1d-9471-ac6b4389d5f3";
 
 fn config(pairs: &[(&str, &str)]) -> Config {
     let inputs = ConfigInputs {
-        env: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         host: HostCaps::default(),
         cwd: "/".into(),
         ..Default::default()
@@ -30,7 +33,9 @@ fn argv(config: &Config, aa: &str) -> Vec<String> {
 }
 
 fn words(text: &str) -> Vec<String> {
-    text.split_whitespace().map(|s| s.replace('~', " ")).collect()
+    text.split_whitespace()
+        .map(|s| s.replace('~', " "))
+        .collect()
 }
 
 /// Our additions, identical in every mode.
@@ -97,7 +102,10 @@ fn sev_snp_with_igvm_and_host_data() {
 
 #[test]
 fn sev_snp_with_ovmf_bios() {
-    let c = config(&[("MANAGER_QEMU_ENABLE_SEV_SNP", "true"), ("MANAGER_QEMU_IGVM_FILE", "")]);
+    let c = config(&[
+        ("MANAGER_QEMU_ENABLE_SEV_SNP", "true"),
+        ("MANAGER_QEMU_IGVM_FILE", ""),
+    ]);
     let expected = format!(
         "qemu-system-x86_64 -enable-kvm -machine q35 -cpu EPYC -smp 4,maxcpus=64 -m 2048M,slots=5,maxmem=30G \
          {} \
@@ -180,7 +188,9 @@ fn empty_machine_and_cpu_are_left_out_and_bind_is_used() {
     ]);
     let got = argv(&c, "");
     assert!(!got.iter().any(|a| a == "-machine" || a == "-cpu"));
-    assert!(got.contains(&format!("user,id=vmnic-{ID},hostfwd=tcp:127.0.0.1:6100-:7002")));
+    assert!(got.contains(&format!(
+        "user,id=vmnic-{ID},hostfwd=tcp:127.0.0.1:6100-:7002"
+    )));
 }
 
 #[test]
@@ -195,7 +205,10 @@ fn commas_in_paths_are_escaped() {
 
 #[test]
 fn shares_follow_the_mount_bases() {
-    let c = config(&[("MANAGER_QEMU_CERTS_MOUNT", "/srv/certs"), ("MANAGER_QEMU_ENV_MOUNT", "/srv/env")]);
+    let c = config(&[
+        ("MANAGER_QEMU_CERTS_MOUNT", "/srv/certs"),
+        ("MANAGER_QEMU_ENV_MOUNT", "/srv/env"),
+    ]);
     let paths = VmPaths::new(&c, ID);
     assert_eq!(paths.certs_dir, PathBuf::from(format!("/srv/certs/{ID}")));
     assert_eq!(paths.env_dir, PathBuf::from(format!("/srv/env/{ID}")));
@@ -203,6 +216,14 @@ fn shares_follow_the_mount_bases() {
 
 #[test]
 fn shell_quoting() {
-    let argv = vec!["qemu".to_string(), "-append".into(), "quiet console=null".into(), "it's".into()];
-    assert_eq!(shell_quote(&argv), r#"qemu -append 'quiet console=null' 'it'\''s'"#);
+    let argv = vec![
+        "qemu".to_string(),
+        "-append".into(),
+        "quiet console=null".into(),
+        "it's".into(),
+    ];
+    assert_eq!(
+        shell_quote(&argv),
+        r#"qemu -append 'quiet console=null' 'it'\''s'"#
+    );
 }

@@ -88,9 +88,18 @@ impl Manager {
         let mut set = |k: &str, v: &str| {
             env.insert(k.to_string(), v.to_string());
         };
-        set("MANAGER_QEMU_HOST_FWD_RANGE", &format!("{}-{}", range.0, range.1));
-        set("MANAGER_QEMU_DISK_IMG_KERNEL_FILE", &kernel.to_string_lossy());
-        set("MANAGER_QEMU_DISK_IMG_ROOTFS_FILE", &rootfs.to_string_lossy());
+        set(
+            "MANAGER_QEMU_HOST_FWD_RANGE",
+            &format!("{}-{}", range.0, range.1),
+        );
+        set(
+            "MANAGER_QEMU_DISK_IMG_KERNEL_FILE",
+            &kernel.to_string_lossy(),
+        );
+        set(
+            "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE",
+            &rootfs.to_string_lossy(),
+        );
         set("MANAGER_STOP_POWERDOWN_TIMEOUT", "5s");
         set("MANAGER_LOG_LEVEL", "debug");
         env
@@ -190,7 +199,9 @@ impl Manager {
 
     pub async fn client(&self) -> Client {
         let url = format!("http://127.0.0.1:{}", self.grpc_port);
-        ManagerServiceClient::connect(url).await.expect("gRPC connection")
+        ManagerServiceClient::connect(url)
+            .await
+            .expect("gRPC connection")
     }
 
     pub fn pid(&self) -> i32 {
@@ -198,7 +209,11 @@ impl Manager {
     }
 
     /// Sends a signal and waits for the manager to exit.
-    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal, limit: Duration) -> Option<std::process::ExitStatus> {
+    pub fn stop_with(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
         let deadline = Instant::now() + limit;
@@ -221,7 +236,10 @@ impl Drop for Manager {
         }
         // Whatever a failed test left behind must not outlive it.
         for pid in qemu_pids_under(self.state_dir.path()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -231,8 +249,12 @@ pub fn pids_matching(needle: &str) -> Vec<i32> {
     let mut pids = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             if cmdline.contains(needle) && cmdline.contains("-name cocos-") {
                 pids.push(pid);
@@ -260,7 +282,8 @@ pub fn is_zombie(pid: i32) -> bool {
 
 /// A plain HTTP/1.0 GET; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))?;
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut response = Vec::new();
@@ -289,7 +312,9 @@ pub fn wait_agent(port: u16, limit: Duration) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Err(format!("agent on port {port} did not answer within {limit:?}; last: {last}"))
+    Err(format!(
+        "agent on port {port} did not answer within {limit:?}; last: {last}"
+    ))
 }
 
 pub fn port_is_free(port: u16) -> bool {

@@ -50,7 +50,10 @@ impl RotatingLog {
                 }
             }
             fs::rename(&self.path, self.rotated(1))?;
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
         }
         self.size = 0;
         Ok(())
@@ -113,7 +116,11 @@ mod tests {
         assert_eq!(size(log.rotated(1)), 100);
         assert_eq!(size(log.rotated(2)), 100);
         assert!(!log.rotated(3).exists());
-        let total: u64 = fs::read_dir(&dir).expect("dir").flatten().map(|e| size(e.path())).sum();
+        let total: u64 = fs::read_dir(&dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| size(e.path()))
+            .sum();
         assert!(total <= 300, "total {total}");
         fs::remove_dir_all(&dir).expect("cleanup");
     }

@@ -30,7 +30,12 @@ fn context(what: &str, path: &Path, e: io::Error) -> io::Error {
 
 /// Creates the VM folder and everything the guest is given. On error the
 /// caller removes whatever was made with [`remove`].
-pub fn prepare(config: &Config, paths: &VmPaths, id: &str, create: &ValidatedCreate) -> io::Result<()> {
+pub fn prepare(
+    config: &Config,
+    paths: &VmPaths,
+    id: &str,
+    create: &ValidatedCreate,
+) -> io::Result<()> {
     let vms = paths.dir.parent().unwrap_or(&paths.dir);
     fs::DirBuilder::new()
         .recursive(true)
@@ -59,9 +64,15 @@ pub fn prepare(config: &Config, paths: &VmPaths, id: &str, create: &ValidatedCre
     write_file(&env_path, create.environment_file(id).as_bytes(), 0o600)
         .map_err(|e| context("cannot write", &env_path, e))?;
     if config.tee_mode() == TeeMode::None {
-        let template = fs::read(&config.qemu_ovmf_vars_file)
-            .map_err(|e| context("cannot read OVMF vars template", &config.qemu_ovmf_vars_file, e))?;
-        write_file(&paths.ovmf_vars, &template, 0o600).map_err(|e| context("cannot write", &paths.ovmf_vars, e))?;
+        let template = fs::read(&config.qemu_ovmf_vars_file).map_err(|e| {
+            context(
+                "cannot read OVMF vars template",
+                &config.qemu_ovmf_vars_file,
+                e,
+            )
+        })?;
+        write_file(&paths.ovmf_vars, &template, 0o600)
+            .map_err(|e| context("cannot write", &paths.ovmf_vars, e))?;
     }
     Ok(())
 }

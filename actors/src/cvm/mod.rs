@@ -100,7 +100,12 @@ pub struct CvmActor {
 }
 
 impl CvmActor {
-    pub fn new(id: String, config: Arc<Config>, create: ValidatedCreate, services: Services) -> CvmActor {
+    pub fn new(
+        id: String,
+        config: Arc<Config>,
+        create: ValidatedCreate,
+        services: Services,
+    ) -> CvmActor {
         let paths = VmPaths::new(&config, &id);
         CvmActor {
             id,
@@ -239,7 +244,11 @@ impl CvmActor {
         } else {
             warn!(vm = %self.id, %status, qemu_said = %last_line, "QEMU exited on its own");
         }
-        let state = if status.success() { VmState::Stopped } else { VmState::Failed };
+        let state = if status.success() {
+            VmState::Stopped
+        } else {
+            VmState::Failed
+        };
         self.release_everything(ctx, state);
     }
 }
@@ -379,7 +388,9 @@ impl BootJob {
             result: Ok(()),
         };
         if let Err(e) = files::prepare(&self.config, &self.paths, &self.id, &self.create) {
-            outcome.result = Err(ApiError::Internal(format!("cannot prepare the VM's files: {e}")));
+            outcome.result = Err(ApiError::Internal(format!(
+                "cannot prepare the VM's files: {e}"
+            )));
             return outcome;
         }
         let mut port = match self.reserve_port().await {
@@ -445,7 +456,12 @@ impl BootJob {
             .create(true)
             .append(true)
             .open(&self.paths.qemu_log)
-            .map_err(|e| fail(ApiError::Internal(format!("cannot open {}: {e}", self.paths.qemu_log.display()))))?;
+            .map_err(|e| {
+                fail(ApiError::Internal(format!(
+                    "cannot open {}: {e}",
+                    self.paths.qemu_log.display()
+                )))
+            })?;
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -487,7 +503,9 @@ impl BootJob {
                 let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
                 let retry = line.contains("host forwarding rule");
                 Err(AttemptError {
-                    error: ApiError::StartFailed(format!("QEMU exited at start ({status}): {line}")),
+                    error: ApiError::StartFailed(format!(
+                        "QEMU exited at start ({status}): {line}"
+                    )),
                     retry_on_other_port: retry,
                 })
             }
@@ -548,7 +566,11 @@ impl BootJob {
         };
         match status {
             Ok(s) if s == "running" => {}
-            Ok(s) => return Err(Readiness::Failed(format!("QEMU reports the VM {s}, not running"))),
+            Ok(s) => {
+                return Err(Readiness::Failed(format!(
+                    "QEMU reports the VM {s}, not running"
+                )))
+            }
             Err(e) => return Err(Readiness::Failed(format!("QEMU control socket: {e}"))),
         }
         if TcpListener::bind((CvmActor::bind_addr(&self.config), port)).is_ok() {
@@ -585,7 +607,13 @@ impl StopJob {
         if let Some(qmp) = &self.qmp {
             match qmp.execute("system_powerdown", None).await {
                 Ok(_) => {
-                    if let Some(s) = wait_exit(&mut self.exit, pid, Some(self.config.stop_powerdown_timeout)).await {
+                    if let Some(s) = wait_exit(
+                        &mut self.exit,
+                        pid,
+                        Some(self.config.stop_powerdown_timeout),
+                    )
+                    .await
+                    {
                         return Ok(s);
                     }
                     info!(vm = %self.id, "guest did not power off in time; asking QEMU to quit");
@@ -595,7 +623,9 @@ impl StopJob {
             if let Err(e) = qmp.execute("quit", None).await {
                 debug!(vm = %self.id, error = %e, "quit failed");
             }
-            if let Some(s) = wait_exit(&mut self.exit, pid, Some(self.config.stop_quit_timeout)).await {
+            if let Some(s) =
+                wait_exit(&mut self.exit, pid, Some(self.config.stop_quit_timeout)).await
+            {
                 return Ok(s);
             }
         }

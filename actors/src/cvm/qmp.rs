@@ -50,7 +50,9 @@ impl Qmp {
         let greeting: Value = serde_json::from_str(&greeting)
             .map_err(|e| QmpError::Protocol(format!("bad greeting: {e}")))?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("unexpected greeting {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "unexpected greeting {greeting}"
+            )));
         }
         let (tx, mut rx) = mpsc::channel::<(Value, Reply)>(8);
         tokio::spawn(async move {
@@ -102,7 +104,11 @@ impl Qmp {
         Ok(qmp)
     }
 
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let mut message = json!({ "execute": command });
         if let Some(arguments) = arguments {
             message["arguments"] = arguments;

@@ -2,15 +2,14 @@
 //! server reflection on the same port.
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use actix::Addr;
 use cocos_core::config::Config;
 use cocos_core::guest::validate_create;
 use cocos_core::proto::manager_service_server::{ManagerService, ManagerServiceServer};
 use cocos_core::proto::{
-    AttestationPolicyReq, AttestationPolicyRes, CreateReq, CreateRes, CvmInfoReq, CvmInfoRes, RemoveReq,
-    FILE_DESCRIPTOR_SET,
+    AttestationPolicyReq, AttestationPolicyRes, CreateReq, CreateRes, CvmInfoReq, CvmInfoRes,
+    RemoveReq, FILE_DESCRIPTOR_SET,
 };
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
@@ -130,12 +129,11 @@ impl GrpcServer {
         })
     }
 
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
     /// Serves until `shutdown` completes, then finishes requests in flight.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), String> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), String> {
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -146,8 +144,12 @@ impl GrpcServer {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| format!("reflection: {e}"))?;
-        self.health.set_service_status(HEALTH_SERVICE, ServingStatus::Serving).await;
-        self.health.set_service_status("", ServingStatus::Serving).await;
+        self.health
+            .set_service_status(HEALTH_SERVICE, ServingStatus::Serving)
+            .await;
+        self.health
+            .set_service_status("", ServingStatus::Serving)
+            .await;
         let mut builder = Server::builder();
         let secure = self.tls.is_some();
         if let Some(tls) = self.tls {

@@ -28,14 +28,21 @@ async fn health(State(state): State<HttpState>) -> impl IntoResponse {
         "build_time": option_env!("COCOS_BUILD_TIME").unwrap_or("unknown"),
         "instance_id": state.instance_id,
     });
-    ([(header::CONTENT_TYPE, "application/health+json")], body.to_string())
+    (
+        [(header::CONTENT_TYPE, "application/health+json")],
+        body.to_string(),
+    )
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     let vms = state.supervisor.send(ListVms).await;
     let ports = state.ports.send(Snapshot).await;
     let (Ok(vms), Ok(ports)) = (vms, ports) else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "manager is shutting down\n".to_string()).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "manager is shutting down\n".to_string(),
+        )
+            .into_response();
     };
     let running = vms.iter().filter(|v| v.running).count();
     let text = format!(
