@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::duration::{format_go_duration, parse_go_duration};
 use crate::ports::PortRange;
+use crate::restart::{RestartPolicy, RestartType};
 
 /// One setting's identity: its environment name, its key in the TOML file and
 /// its built-in default (as text, exactly as an operator would write it).
@@ -477,6 +478,23 @@ settings! {
     stop_kill_timeout: Duration = "MANAGER_STOP_KILL_TIMEOUT", "lifecycle.stop_kill_timeout", "5s", "Remove: wait this long after SIGKILL before reporting an error";
     vm_log_max_size: ByteSize = "MANAGER_VM_LOG_MAX_SIZE", "lifecycle.vm_log_max_size", "2M", "Size at which a VM's console log is rotated";
     vm_log_files: u32 = "MANAGER_VM_LOG_FILES", "lifecycle.vm_log_files", "3", "Console log files kept per VM, the live one included";
+    shutdown_stop_vms: bool = "MANAGER_SHUTDOWN_STOP_VMS", "lifecycle.shutdown_stop_vms", "false", "On SIGTERM/SIGINT stop every VM (false: leave them running for the next manager to re-adopt)";
+    // Supervision (OTP-style)
+    restart_policy: RestartType = "MANAGER_RESTART_POLICY", "restart.policy", "transient", "When a crashed VM is restarted: permanent (always), transient (only after an abnormal exit), temporary (never)";
+    restart_max_restarts: u32 = "MANAGER_RESTART_MAX_RESTARTS", "restart.max_restarts", "5", "Restart intensity: at most this many restarts within MANAGER_RESTART_PERIOD, then the VM is marked failed";
+    restart_period: Duration = "MANAGER_RESTART_PERIOD", "restart.period", "300s", "Window of the restart intensity";
+    restart_backoff_initial: Duration = "MANAGER_RESTART_BACKOFF_INITIAL", "restart.backoff_initial", "1s", "Wait before the first restart; doubled for each consecutive one";
+    restart_backoff_max: Duration = "MANAGER_RESTART_BACKOFF_MAX", "restart.backoff_max", "60s", "Longest wait between restarts";
+    restart_healthy_reset: Duration = "MANAGER_RESTART_HEALTHY_RESET", "restart.healthy_reset", "300s", "A VM running this long without a crash has its restart count reset";
+}
+
+impl SettingValue for RestartType {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.trim().parse()
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
 }
 
 /// Which confidential-computing technology VMs are launched with.
@@ -512,6 +530,18 @@ impl Config {
             PortRange::single(self.qemu_host_fwd_agent)
         } else {
             self.qemu_host_fwd_range
+        }
+    }
+
+    /// The supervision policy for VMs created with this configuration.
+    pub fn restart(&self) -> RestartPolicy {
+        RestartPolicy {
+            restart: self.restart_policy,
+            max_restarts: self.restart_max_restarts,
+            period: self.restart_period,
+            backoff_initial: self.restart_backoff_initial,
+            backoff_max: self.restart_backoff_max,
+            healthy_reset: self.restart_healthy_reset,
         }
     }
 
@@ -861,6 +891,23 @@ pub fn render_default_file() -> String {
     out
 }
 
+/// The configuration reference table of the README, one row per setting.
+pub fn render_reference_table() -> String {
+    let mut out = String::from("| variable | file key | default | meaning |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let default = if s.default.is_empty() {
+            "(empty)".to_string()
+        } else {
+            format!("`{}`", s.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {default} | {} |\n",
+            s.env, s.key, s.doc
+        ));
+    }
+    out
+}
+
 fn toml_literal(setting: &Setting) -> String {
     let bools = [
         "MANAGER_QEMU_USE_SUDO",
@@ -871,6 +918,7 @@ fn toml_literal(setting: &Setting) -> String {
         "MANAGER_QEMU_ENABLE_SEV_SNP",
         "MANAGER_QEMU_ENABLE_HOST_DATA",
         "MANAGER_QEMU_ENABLE_TDX",
+        "MANAGER_SHUTDOWN_STOP_VMS",
     ];
     let is_number = !setting.default.is_empty()
         && setting

@@ -10,6 +10,8 @@ pub mod duration;
 pub mod guest;
 pub mod ports;
 pub mod qemu;
+pub mod record;
+pub mod restart;
 
 /// Generated gRPC types for the Cocos-compatible `manager` package.
 pub mod proto {

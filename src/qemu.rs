@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, TeeMode};
 
 /// Where one VM's files live on the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmPaths {
     pub dir: PathBuf,
     pub ovmf_vars: PathBuf,

@@ -46,18 +46,6 @@ async fn get(port: u16, path: &'static str) -> (u16, String) {
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// Waits until `cond` holds, polling; false on time-out.
-async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    cond()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_boot_query_remove() {
     // A single port, so the next create proves the port came back.

@@ -13,6 +13,7 @@ mod notify;
 mod ports;
 mod process;
 mod reaper;
+mod records;
 mod signals;
 mod supervisor;
 
@@ -31,7 +32,7 @@ use tracing_subscriber::{reload, EnvFilter};
 use crate::ports::{PortAllocator, SetRange};
 use crate::reaper::ZombieReaper;
 use crate::signals::SignalPipe;
-use crate::supervisor::{StopAll, Supervisor, UpdateConfig};
+use crate::supervisor::{Readopt, Shutdown, Supervisor, UpdateConfig};
 
 const USAGE: &str = "\
 Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-default-config]
@@ -39,6 +40,7 @@ Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-default-config]
   --config FILE           read settings from a TOML file (environment variables win)
   --print-qemu-cmd        print the QEMU command line the configuration gives, and exit
   --print-default-config  print the full default configuration file, and exit
+  --print-config-reference  print the settings as a Markdown table, and exit
   --help, --version
 
 Every setting is also an environment variable (MANAGER_*); see config/cocos-manager.toml.
@@ -48,6 +50,7 @@ enum Mode {
     Run,
     PrintQemuCmd,
     PrintDefaultConfig,
+    PrintConfigReference,
 }
 
 struct Args {
@@ -72,6 +75,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "--print-qemu-cmd" => args.mode = Mode::PrintQemuCmd,
             "--print-default-config" => args.mode = Mode::PrintDefaultConfig,
+            "--print-config-reference" => args.mode = Mode::PrintConfigReference,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -142,9 +146,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Mode::PrintDefaultConfig = args.mode {
-        print!("{}", config::render_default_file());
-        return ExitCode::SUCCESS;
+    match args.mode {
+        Mode::PrintDefaultConfig => {
+            print!("{}", config::render_default_file());
+            return ExitCode::SUCCESS;
+        }
+        Mode::PrintConfigReference => {
+            print!("{}", config::render_reference_table());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let source = ConfigSource {
         file: args.config_file,
@@ -201,6 +212,11 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     let reaper = ZombieReaper::default().start();
     let ports = PortAllocator::new(config.port_range(), bind).start();
     let supervisor = Supervisor::new(config.clone(), ports.clone(), reaper.clone()).start();
+    // Requests are served only once the VMs left running are ours again.
+    match supervisor.send(Readopt).await {
+        Ok(count) => info!(count, "VMs re-adopted"),
+        Err(e) => error!(error = %e, "re-adoption failed"),
+    }
 
     let grpc = match front::grpc::GrpcServer::bind(&config, supervisor.clone()).await {
         Ok(server) => server,
@@ -255,7 +271,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             result = &mut grpc_task => {
                 error!(?result, "gRPC server ended");
                 let _ = stop_tx.send(true);
-                supervisor.send(StopAll).await.ok();
+                supervisor.send(Shutdown { stop_vms: false }).await.ok();
                 return ExitCode::FAILURE;
             }
         }
@@ -273,7 +289,8 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     let _ = stop_tx.send(true);
     let _ = grpc_task.await;
     let _ = http_task.await;
-    if let Err(e) = supervisor.send(StopAll).await {
+    let stop_vms = current.shutdown_stop_vms;
+    if let Err(e) = supervisor.send(Shutdown { stop_vms }).await {
         error!(error = %e, "supervisor unavailable at shutdown");
     }
     info!("cocos-manager stopped");

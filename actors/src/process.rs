@@ -3,7 +3,11 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cocos_core::record::start_time_from_stat;
 
 use nix::sys::wait::WaitStatus;
 
@@ -12,6 +16,9 @@ use nix::sys::wait::WaitStatus;
 pub enum ExitStatus {
     Exited(i32),
     Signaled(i32),
+    /// A process that was not our child (re-adopted after a manager
+    /// restart): it ended, but only its parent could learn how.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -24,16 +31,13 @@ impl ExitStatus {
             _ => None,
         }
     }
-
-    pub fn success(self) -> bool {
-        self == ExitStatus::Exited(0)
-    }
 }
 
 impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExitStatus::Exited(code) => write!(f, "exit status {code}"),
+            ExitStatus::Unknown => write!(f, "exit status unknown (not our child)"),
             ExitStatus::Signaled(sig) => {
                 let name = nix::sys::signal::Signal::try_from(*sig)
                     .map(|s| s.as_str().to_string())
@@ -75,5 +79,60 @@ pub fn pidfd_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> io::Re
         }
         return Err(err);
     }
+    Ok(())
+}
+
+/// Who a process is: enough to tell it from a later process with its pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub start_time: u64,
+    pub exe: PathBuf,
+    pub cmdline: Vec<String>,
+}
+
+pub fn identify(pid: i32) -> Option<Identity> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let start_time = start_time_from_stat(&stat)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    // An upgraded binary shows as "path (deleted)"; it is still the same one.
+    let exe = PathBuf::from(
+        exe.to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string(),
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(Identity {
+        start_time,
+        exe,
+        cmdline,
+    })
+}
+
+struct PidFdRef(Arc<OwnedFd>);
+
+impl AsRawFd for PidFdRef {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Resolves when the process behind `pidfd` has ended. Works for processes
+/// that are not our children, where SIGCHLD never comes.
+pub async fn pidfd_exited(pidfd: Arc<OwnedFd>) -> io::Result<()> {
+    // SAFETY: PidFdRef holds the OwnedFd through an Arc, so the descriptor
+    // stays open and the same for as long as the AsyncFd lives.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            PidFdRef(pidfd),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(io::Error::from)?;
+    let _guard = fd.readable().await?;
     Ok(())
 }

@@ -1,23 +1,30 @@
 //! The `Supervisor`: the registry of VMs. It admits creates (the VM limit is
 //! checked and the VM registered in one step, so concurrent creates cannot
-//! overshoot it), starts one `CvmActor` per VM and routes requests to it.
-//! It never waits on a VM itself: a slow stop of one VM blocks nothing else.
+//! overshoot it), starts one `CvmActor` per VM, re-adopts the VMs a previous
+//! manager left running, and routes requests. It never waits on a VM
+//! itself: a slow stop of one VM blocks nothing else.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::proto::{CreateRes, CvmInfoRes};
 use cocos_core::qemu::kernel_cmdline;
+use cocos_core::record::LaunchInfo;
 use futures::future::join_all;
-use tracing::{info, warn};
+use nix::sys::signal::Signal;
+use tracing::{error, info, warn};
 
-use crate::cvm::{Boot, CvmActor, Services, Stop, VmGone, VmState};
+use crate::cvm::{Adopt, Boot, CvmActor, Services, Stop, VmGone, VmState};
 use crate::error::ApiError;
 use crate::ports::PortAllocator;
+use crate::process::{identify, pidfd_exited, pidfd_open, pidfd_signal};
 use crate::reaper::ZombieReaper;
+use crate::records::{self, Found};
 
 #[derive(Message)]
 #[rtype(result = "Result<CreateRes, ApiError>")]
@@ -36,10 +43,19 @@ pub struct VmInfo(pub String);
 #[rtype(result = "()")]
 pub struct UpdateConfig(pub Arc<Config>);
 
-/// Refuse new work and stop every VM; answers when all are gone.
+/// Find the VMs a previous manager left and take them over; answers with
+/// how many were re-adopted.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Readopt;
+
+/// Refuse new work; stop every VM when `stop_vms`, else leave them running
+/// for the next manager. Answers when done.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopAll;
+pub struct Shutdown {
+    pub stop_vms: bool,
+}
 
 #[derive(Message)]
 #[rtype(result = "Vec<VmSummary>")]
@@ -48,12 +64,15 @@ pub struct ListVms;
 #[derive(Debug, Clone)]
 pub struct VmSummary {
     pub running: bool,
+    pub failed: bool,
 }
 
 struct VmEntry {
     addr: Addr<CvmActor>,
-    info: CvmInfoRes,
+    info: LaunchInfo,
     port: Option<u16>,
+    /// Gave up after its restart budget; holds nothing, kept so it shows.
+    failed: bool,
 }
 
 pub struct Supervisor {
@@ -78,6 +97,18 @@ impl Supervisor {
             accepting: true,
         }
     }
+
+    fn services(&self, ctx: &mut Context<Self>) -> Services {
+        Services {
+            ports: self.ports.clone(),
+            reaper: self.reaper.clone(),
+            supervisor: ctx.address().recipient(),
+        }
+    }
+
+    fn live_count(&self) -> usize {
+        self.vms.values().filter(|v| !v.failed).count()
+    }
 }
 
 impl Actor for Supervisor {
@@ -94,43 +125,38 @@ impl Handler<CreateVm> for Supervisor {
             ))));
         }
         let max = self.config.max_vms as usize;
-        if max > 0 && self.vms.len() >= max {
+        let live = self.live_count();
+        if max > 0 && live >= max {
             return Box::pin(fut::ready(Err(ApiError::ResourceExhausted(format!(
-                "VM limit reached: {} VMs exist and MANAGER_MAX_VMS is {max}",
-                self.vms.len()
+                "VM limit reached: {live} VMs exist and MANAGER_MAX_VMS is {max}"
             )))));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let config = self.config.clone();
-        let info = CvmInfoRes {
-            id: id.clone(),
+        let info = LaunchInfo {
             ovmf_version: config.qemu_ovmf_version.clone(),
             cpu_num: i32::try_from(config.qemu_smp_count).unwrap_or(i32::MAX),
             cpu_type: config.qemu_cpu.to_string(),
             kernel_cmd: kernel_cmdline(&config, &msg.0.aa_kbs_params),
             eos_version: config.eos_version.clone(),
         };
-        let services = Services {
-            ports: self.ports.clone(),
-            reaper: self.reaper.clone(),
-            supervisor: ctx.address().recipient(),
-        };
-        let addr = CvmActor::new(id.clone(), config, msg.0, services).start();
+        let services = self.services(ctx);
+        let addr = CvmActor::new(id.clone(), config, info.clone(), services).start();
         self.vms.insert(
             id.clone(),
             VmEntry {
                 addr: addr.clone(),
                 info,
                 port: None,
+                failed: false,
             },
         );
         info!(vm = %id, total = self.vms.len(), "creating VM");
         Box::pin(
-            addr.send(Boot)
+            addr.send(Boot(msg.0))
                 .into_actor(self)
                 .map(move |result, act, _ctx| {
-                    let result = result.map_err(ApiError::from).and_then(|r| r);
-                    match result {
+                    match result.map_err(ApiError::from).and_then(|r| r) {
                         Ok(booted) => {
                             if let Some(entry) = act.vms.get_mut(&id) {
                                 entry.port = Some(booted.port);
@@ -154,12 +180,18 @@ impl Handler<RemoveVm> for Supervisor {
     type Result = ResponseFuture<Result<(), ApiError>>;
 
     fn handle(&mut self, msg: RemoveVm, _ctx: &mut Self::Context) -> Self::Result {
-        let Some(entry) = self.vms.get(&msg.0) else {
-            let id = msg.0;
+        let id = msg.0;
+        let Some(entry) = self.vms.get(&id) else {
             return Box::pin(
                 async move { Err(ApiError::NotFound(format!("no VM with id {id:?}"))) },
             );
         };
+        if entry.failed {
+            // It holds nothing any more; removing it only forgets it.
+            self.vms.remove(&id);
+            info!(vm = %id, "failed VM removed from the list");
+            return Box::pin(async { Ok(()) });
+        }
         let stop = entry.addr.send(Stop { reason: "RemoveVm" });
         Box::pin(async move { stop.await.map_err(ApiError::from).and_then(|r| r) })
     }
@@ -169,10 +201,19 @@ impl Handler<VmInfo> for Supervisor {
     type Result = Result<CvmInfoRes, ApiError>;
 
     fn handle(&mut self, msg: VmInfo, _ctx: &mut Self::Context) -> Self::Result {
-        self.vms
+        let entry = self
+            .vms
             .get(&msg.0)
-            .map(|entry| entry.info.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))
+            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
+        let info = &entry.info;
+        Ok(CvmInfoRes {
+            id: msg.0,
+            ovmf_version: info.ovmf_version.clone(),
+            cpu_num: info.cpu_num,
+            cpu_type: info.cpu_type.clone(),
+            kernel_cmd: info.kernel_cmd.clone(),
+            eos_version: info.eos_version.clone(),
+        })
     }
 }
 
@@ -180,7 +221,13 @@ impl Handler<VmGone> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: VmGone, _ctx: &mut Self::Context) {
-        if self.vms.remove(&msg.id).is_some() {
+        if msg.keep_listed {
+            if let Some(entry) = self.vms.get_mut(&msg.id) {
+                entry.failed = true;
+                entry.port = None;
+            }
+            warn!(vm = %msg.id, "VM marked failed");
+        } else if self.vms.remove(&msg.id).is_some() {
             if msg.state == VmState::Failed {
                 warn!(vm = %msg.id, total = self.vms.len(), "VM gone after a failure");
             } else {
@@ -206,19 +253,28 @@ impl Handler<ListVms> for Supervisor {
             .values()
             .map(|entry| VmSummary {
                 running: entry.port.is_some(),
+                failed: entry.failed,
             })
             .collect()
     }
 }
 
-impl Handler<StopAll> for Supervisor {
+impl Handler<Shutdown> for Supervisor {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: StopAll, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
         self.accepting = false;
+        if !msg.stop_vms {
+            info!(
+                count = self.live_count(),
+                "leaving VMs running for the next manager to re-adopt"
+            );
+            return Box::pin(async {});
+        }
         let stops: Vec<_> = self
             .vms
             .values()
+            .filter(|entry| !entry.failed)
             .map(|entry| {
                 entry.addr.send(Stop {
                     reason: "manager shutdown",
@@ -233,5 +289,99 @@ impl Handler<StopAll> for Supervisor {
                 }
             }
         })
+    }
+}
+
+impl Handler<Readopt> for Supervisor {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, _: Readopt, ctx: &mut Self::Context) -> Self::Result {
+        let mut adoptions = Vec::new();
+        let mut orphans = Vec::new();
+        for found in records::scan(&self.config) {
+            match found {
+                Found::Record(record) => {
+                    let id = record.id.clone();
+                    let addr =
+                        CvmActor::from_record(&record, self.config.clone(), self.services(ctx))
+                            .start();
+                    self.vms.insert(
+                        id.clone(),
+                        VmEntry {
+                            addr: addr.clone(),
+                            info: record.info.clone(),
+                            port: Some(record.port),
+                            failed: false,
+                        },
+                    );
+                    adoptions.push(async move { (id, addr.send(Adopt(record)).await) });
+                }
+                Found::NoRecord { folder, dir } => orphans.push((folder, dir)),
+                Found::Corrupt { folder, error } => {
+                    error!(vm = %folder, %error, "unreadable VM record moved to <state_dir>/corrupt; its folder is left for inspection");
+                }
+            }
+        }
+        let sweep = join_all(
+            orphans
+                .into_iter()
+                .map(|(folder, dir)| sweep_unfinished(folder, dir)),
+        );
+        Box::pin(
+            async move {
+                sweep.await;
+                join_all(adoptions).await
+            }
+            .into_actor(self)
+            .map(|results, act, _ctx| {
+                let mut adopted = 0;
+                for (id, result) in results {
+                    match result {
+                        Ok(Ok(_)) => adopted += 1,
+                        _ => {
+                            act.vms.remove(&id);
+                        }
+                    }
+                }
+                info!(adopted, "re-adoption done");
+                adopted
+            }),
+        )
+    }
+}
+
+/// A VM folder without a record is a create the previous manager never
+/// finished. A QEMU it may have started (its command names this folder) is
+/// killed, then the folder is removed.
+async fn sweep_unfinished(folder: String, dir: PathBuf) {
+    let name = format!("cocos-{folder}");
+    let dir_text = dir.to_string_lossy().into_owned();
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for pid in pids {
+        let Some(identity) = identify(pid) else {
+            continue;
+        };
+        let ours = identity.cmdline.iter().any(|a| a == &name)
+            && identity.cmdline.iter().any(|a| a.contains(&dir_text));
+        if !ours {
+            continue;
+        }
+        let Ok(pidfd) = pidfd_open(pid) else { continue };
+        warn!(vm = %folder, pid, "killing the QEMU of an unfinished create");
+        let pidfd = Arc::new(pidfd);
+        if pidfd_signal(&pidfd, Signal::SIGKILL).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), pidfd_exited(pidfd)).await;
+        }
+    }
+    info!(vm = %folder, "removing the folder of an unfinished create");
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        warn!(vm = %folder, error = %e, "cannot remove the folder");
     }
 }

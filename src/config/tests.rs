@@ -532,3 +532,12 @@ fn shipped_files_are_current_and_valid() {
     assert_eq!(c.grpc_host, "127.0.0.1");
     assert_eq!(c.grpc_port, 7001);
 }
+
+#[test]
+fn readme_lists_every_setting() {
+    let readme = include_str!("../../README.md");
+    assert!(
+        readme.contains(&render_reference_table()),
+        "regenerate the README table with: cocos-manager --print-config-reference"
+    );
+}

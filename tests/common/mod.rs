@@ -78,6 +78,7 @@ pub struct Manager {
     pub range: (u16, u16),
     pub log_path: PathBuf,
     pub env: BTreeMap<String, String>,
+    pub config_file: PathBuf,
 }
 
 impl Manager {
@@ -115,6 +116,14 @@ impl Manager {
     }
 
     pub fn start_with(env: BTreeMap<String, String>, range: (u16, u16)) -> Manager {
+        Manager::start_with_config(env, range, repo_root().join("config/dev.toml"))
+    }
+
+    pub fn start_with_config(
+        env: BTreeMap<String, String>,
+        range: (u16, u16),
+        config_file: PathBuf,
+    ) -> Manager {
         let state_dir = tempfile::Builder::new()
             .prefix("cocos-t")
             .tempdir_in("/tmp")
@@ -130,6 +139,7 @@ impl Manager {
             range,
             log_path,
             env,
+            config_file,
         };
         manager.spawn();
         manager
@@ -143,7 +153,7 @@ impl Manager {
             .expect("manager log");
         let mut cmd = Command::new(manager_binary());
         cmd.arg("--config")
-            .arg(repo_root().join("config/dev.toml"))
+            .arg(&self.config_file)
             .current_dir(repo_root())
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -319,4 +329,68 @@ pub fn wait_agent(port: u16, limit: Duration) -> Result<(), String> {
 
 pub fn port_is_free(port: u16) -> bool {
     TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// Zombie children of `parent`.
+pub fn zombie_children(parent: i32) -> Vec<i32> {
+    let mut zombies = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("");
+            let ppid: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            if ppid == parent && state == "Z" {
+                zombies.push(pid);
+            }
+        }
+    }
+    zombies
+}
+
+/// Waits (polling) until `cond` holds; false on time-out.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+/// Waits for the guest agent through `port` without blocking the runtime.
+pub async fn agent_ok(port: u16) {
+    tokio::task::spawn_blocking(move || wait_agent(port, Duration::from_secs(180)))
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The one QEMU of VM `id`, waiting for it to appear.
+pub async fn qemu_pid(id: &str) -> i32 {
+    let mut found = Vec::new();
+    eventually(Duration::from_secs(30), || {
+        found = pids_matching(id);
+        found.len() == 1
+    })
+    .await;
+    assert_eq!(found.len(), 1, "expected one QEMU for {id}: {found:?}");
+    found[0]
+}
+
+pub fn kill9(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }

@@ -1,54 +1,56 @@
 //! The `CvmActor`: one per VM. It owns the VM's QEMU process (through a
-//! pidfd), its folder (firmware vars copy, shares, logs), its port
-//! reservation and its control connection, and it alone changes them.
+//! pidfd), its folder (firmware vars copy, shares, logs, record), its port
+//! reservation, its control connection and its supervision state, and it
+//! alone changes them.
 
 mod console;
 mod files;
+mod launch;
 mod qmp;
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
-use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
+use cocos_core::record::{LaunchInfo, VmRecord, RECORD_VERSION};
+use cocos_core::restart::{Decision, ExitKind, RestartPolicy, RestartTracker};
 use nix::sys::signal::Signal;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 pub use self::console::RotatingLog;
+use self::launch::{wait_exit, ExitWatch, Launched, Launcher};
 use self::qmp::{Qmp, QmpEvent};
 use crate::error::ApiError;
-use crate::ports::{PortAllocator, Release, Reserve};
-use crate::process::{pidfd_signal, ExitStatus};
-use crate::reaper::{ChildExited, Spawn, ZombieReaper};
-
-/// How many times a start is retried on another port when QEMU reports the
-/// forwarded port taken (someone bound it after our probe).
-const PORT_RETRIES: usize = 3;
+use crate::ports::{PortAllocator, Release, ReserveExact};
+use crate::process::{identify, pidfd_exited, pidfd_open, pidfd_signal, ExitStatus, Identity};
+use crate::reaper::{ChildExited, ZombieReaper};
+use crate::records;
 
 /// The life of a VM, as the API reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmState {
     Starting,
     Running,
+    Restarting,
     Stopping,
     Stopped,
     Failed,
 }
 
-/// Told to the supervisor when a VM is gone for good, after its process was
-/// reaped, its folder removed and its port released.
+/// Told to the supervisor when a VM holds nothing any more: its process
+/// reaped, its folder removed, its port released.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct VmGone {
     pub id: String,
     pub state: VmState,
+    /// The supervisor keeps a failed VM listed (until RemoveVm) so the
+    /// failure can be seen; a stopped one is forgotten.
+    pub keep_listed: bool,
 }
 
 /// The actors a VM needs.
@@ -62,12 +64,17 @@ pub struct Services {
 /// Start the VM; answers when QEMU is really up, or with why it is not.
 #[derive(Message)]
 #[rtype(result = "Result<Booted, ApiError>")]
-pub struct Boot;
+pub struct Boot(pub ValidatedCreate);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Booted {
     pub port: u16,
 }
+
+/// Take over a VM a previous manager started.
+#[derive(Message)]
+#[rtype(result = "Result<u16, ApiError>")]
+pub struct Adopt(pub Box<VmRecord>);
 
 /// Stop the VM in stages and remove everything it had.
 #[derive(Message)]
@@ -76,72 +83,135 @@ pub struct Stop {
     pub reason: &'static str,
 }
 
-type ExitWatch = watch::Receiver<Option<(i32, ExitStatus)>>;
-
 struct Process {
     pid: i32,
     pidfd: Arc<OwnedFd>,
+    identity: Identity,
 }
 
 pub struct CvmActor {
     id: String,
     config: Arc<Config>,
-    create: ValidatedCreate,
-    paths: VmPaths,
+    policy: RestartPolicy,
+    paths: cocos_core::qemu::VmPaths,
     services: Services,
+    info: LaunchInfo,
     state: VmState,
     port: Option<u16>,
+    argv: Vec<String>,
     process: Option<Process>,
     exit: watch::Sender<Option<(i32, ExitStatus)>>,
     qmp: Option<Qmp>,
+    /// The reason of the last SHUTDOWN event: a guest-initiated power-off is
+    /// a normal end, anything else that ends QEMU is not.
+    shutdown_reason: Option<String>,
+    tracker: RestartTracker,
+    epoch: Instant,
+    launching: bool,
     stop_waiters: Vec<oneshot::Sender<Result<(), ApiError>>>,
     stop_requested: Option<&'static str>,
+    ttl_deadline: Option<SystemTime>,
     ttl_timer: Option<SpawnHandle>,
+    restart_timer: Option<SpawnHandle>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl CvmActor {
-    pub fn new(
-        id: String,
-        config: Arc<Config>,
-        create: ValidatedCreate,
-        services: Services,
-    ) -> CvmActor {
-        let paths = VmPaths::new(&config, &id);
+    pub fn new(id: String, config: Arc<Config>, info: LaunchInfo, services: Services) -> CvmActor {
+        let paths = cocos_core::qemu::VmPaths::new(&config, &id);
         CvmActor {
+            policy: config.restart(),
             id,
             config,
-            create,
             paths,
             services,
+            info,
             state: VmState::Starting,
             port: None,
+            argv: Vec::new(),
             process: None,
             exit: watch::channel(None).0,
             qmp: None,
+            shutdown_reason: None,
+            tracker: RestartTracker::new(),
+            epoch: Instant::now(),
+            launching: false,
             stop_waiters: Vec::new(),
             stop_requested: None,
+            ttl_deadline: None,
             ttl_timer: None,
+            restart_timer: None,
         }
+    }
+
+    /// An actor for a VM found in a record, before `Adopt` checks it.
+    pub fn from_record(record: &VmRecord, config: Arc<Config>, services: Services) -> CvmActor {
+        let mut actor = CvmActor::new(record.id.clone(), config, record.info.clone(), services);
+        actor.paths = record.paths.clone();
+        actor.argv = record.argv.clone();
+        actor.ttl_deadline = record
+            .ttl_deadline_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        actor
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
     }
 
     fn set_state(&mut self, state: VmState) {
         if self.state != state {
-            debug!(vm = %self.id, from = ?self.state, to = ?state, "state change");
+            info!(vm = %self.id, from = ?self.state, to = ?state, "VM state");
             self.state = state;
         }
     }
 
-    fn bind_addr(config: &Config) -> IpAddr {
-        config
-            .qemu_host_fwd_bind
-            .as_str()
-            .parse()
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    fn launcher(&self, ctx: &mut Context<Self>) -> Launcher {
+        Launcher {
+            id: self.id.clone(),
+            config: self.config.clone(),
+            paths: self.paths.clone(),
+            services: self.services.clone(),
+            notify: ctx.address().recipient(),
+            events: ctx.address().recipient(),
+            exit: self.exit.subscribe(),
+        }
+    }
+
+    fn save_record(&self) {
+        let (Some(process), Some(port)) = (&self.process, self.port) else {
+            return;
+        };
+        let record = VmRecord {
+            version: RECORD_VERSION,
+            id: self.id.clone(),
+            pid: process.pid,
+            start_time: process.identity.start_time,
+            exe: process.identity.exe.clone(),
+            argv: self.argv.clone(),
+            port,
+            paths: self.paths.clone(),
+            ttl_deadline_ms: self.ttl_deadline.map(unix_ms),
+            info: self.info.clone(),
+        };
+        if let Err(e) = records::write(&record) {
+            error!(vm = %self.id, error = %e, "cannot write the VM record; a restarted manager will not find this VM");
+        }
     }
 
     /// Removes the folder and returns the port: the last step on every path,
     /// taken only once no process of this VM is left.
-    fn release_everything(&mut self, ctx: &mut Context<Self>, final_state: VmState) {
+    fn release_everything(
+        &mut self,
+        ctx: &mut Context<Self>,
+        final_state: VmState,
+        keep_listed: bool,
+    ) {
         if let Err(e) = files::remove(&self.paths) {
             error!(vm = %self.id, error = %e, "could not remove the VM's files");
         }
@@ -150,13 +220,17 @@ impl CvmActor {
         }
         self.qmp = None;
         self.process = None;
-        if let Some(timer) = self.ttl_timer.take() {
+        for timer in [self.ttl_timer.take(), self.restart_timer.take()]
+            .into_iter()
+            .flatten()
+        {
             ctx.cancel_future(timer);
         }
         self.set_state(final_state);
         self.services.supervisor.do_send(VmGone {
             id: self.id.clone(),
             state: final_state,
+            keep_listed,
         });
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(Ok(()));
@@ -164,17 +238,155 @@ impl CvmActor {
         ctx.stop();
     }
 
-    fn begin_stop(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
-        if self.state != VmState::Running {
+    fn take_launched(&mut self, ctx: &mut Context<Self>, launched: Launched) {
+        self.port = Some(launched.port);
+        self.argv = launched.argv;
+        self.qmp = launched.qmp;
+        self.shutdown_reason = None;
+        self.process = Some(Process {
+            pid: launched.pid,
+            pidfd: launched.pidfd,
+            identity: launched.identity,
+        });
+        self.on_running(ctx);
+    }
+
+    /// The process is up and ours: record it, log its console, arm its TTL.
+    fn on_running(&mut self, ctx: &mut Context<Self>) {
+        self.launching = false;
+        self.set_state(VmState::Running);
+        self.tracker.started(self.now());
+        self.save_record();
+        match RotatingLog::open(
+            &self.paths.console_log,
+            self.config.vm_log_max_size.0,
+            self.config.vm_log_files,
+        ) {
+            Ok(log) => {
+                actix::spawn(console::pump(self.paths.console_socket.clone(), log));
+            }
+            Err(e) => warn!(vm = %self.id, error = %e, "cannot open the console log"),
+        }
+        if let (Some(deadline), None) = (self.ttl_deadline, &self.ttl_timer) {
+            let left = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            self.ttl_timer = Some(ctx.run_later(left, |act, ctx| {
+                info!(vm = %act.id, "TTL expired");
+                act.ttl_timer = None;
+                act.request_stop(ctx, "TTL expired");
+            }));
+        }
+        // An exit that raced the end of the start, or a stop asked for meanwhile.
+        let pid = self.process.as_ref().map(|p| p.pid);
+        let exited = *self.exit.borrow();
+        match exited {
+            Some((p, status)) if Some(p) == pid => self.on_exit(ctx, status),
+            _ => {
+                if let Some(reason) = self.stop_requested.take() {
+                    self.begin_stop(ctx, reason);
+                }
+            }
+        }
+    }
+
+    fn exit_kind(&self, status: ExitStatus) -> ExitKind {
+        match (self.shutdown_reason.as_deref(), status) {
+            (Some("guest-shutdown"), _) => ExitKind::Normal,
+            (None, ExitStatus::Exited(0)) => ExitKind::Normal,
+            _ => ExitKind::Abnormal,
+        }
+    }
+
+    /// The VM's process ended without being asked to: restart or give up as
+    /// the supervision policy says.
+    fn on_exit(&mut self, ctx: &mut Context<Self>, status: ExitStatus) {
+        let kind = self.exit_kind(status);
+        let last_line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
+        warn!(vm = %self.id, %status, ?kind, qemu_said = %last_line, "QEMU exited on its own");
+        self.after_end(ctx, kind);
+    }
+
+    fn after_end(&mut self, ctx: &mut Context<Self>, kind: ExitKind) {
+        self.process = None;
+        self.qmp = None;
+        self.launching = false;
+        if let Some(reason) = self.stop_requested.take() {
+            info!(vm = %self.id, reason, "VM ended while a stop was pending");
+            self.release_everything(ctx, VmState::Stopped, false);
             return;
         }
+        match self.tracker.on_exit(&self.policy, kind, self.now()) {
+            Decision::Restart { after, attempt } => {
+                warn!(vm = %self.id, attempt, after = ?after, "restarting VM");
+                self.set_state(VmState::Restarting);
+                self.restart_timer = Some(ctx.run_later(after, |act, ctx| {
+                    act.restart_timer = None;
+                    act.restart(ctx);
+                }));
+            }
+            Decision::Stop => {
+                info!(vm = %self.id, policy = %self.policy.restart, "VM ended and is not restarted");
+                self.release_everything(ctx, VmState::Stopped, false);
+            }
+            Decision::GiveUp { reason } => {
+                error!(vm = %self.id, %reason, "VM failed: restart budget spent; its port and files are released");
+                self.release_everything(ctx, VmState::Failed, true);
+            }
+        }
+    }
+
+    fn restart(&mut self, ctx: &mut Context<Self>) {
+        let Some(port) = self.port else {
+            self.release_everything(ctx, VmState::Failed, true);
+            return;
+        };
+        self.launching = true;
+        let argv = self.argv.clone();
+        let mut launcher = self.launcher(ctx);
+        ctx.spawn(
+            async move { launcher.launch(argv, port).await }
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok(launched) => {
+                        info!(vm = %act.id, port = launched.port, "VM restarted");
+                        act.take_launched(ctx, launched);
+                    }
+                    Err(e) => {
+                        warn!(vm = %act.id, error = %e.error, "restart failed");
+                        act.after_end(ctx, ExitKind::Abnormal);
+                    }
+                }),
+        );
+    }
+
+    fn request_stop(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
+        match self.state {
+            VmState::Running => self.begin_stop(ctx, reason),
+            VmState::Restarting if !self.launching => {
+                info!(vm = %self.id, reason, "stopping VM while it waits to restart");
+                self.release_everything(ctx, VmState::Stopped, false);
+            }
+            VmState::Starting | VmState::Restarting => {
+                self.stop_requested.get_or_insert(reason);
+            }
+            VmState::Stopping => {}
+            VmState::Stopped | VmState::Failed => {
+                for waiter in self.stop_waiters.drain(..) {
+                    let _ = waiter.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    fn begin_stop(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
         info!(vm = %self.id, reason, "stopping VM");
         self.set_state(VmState::Stopping);
         if let Some(timer) = self.ttl_timer.take() {
             ctx.cancel_future(timer);
         }
         let Some(process) = self.process.as_ref() else {
-            self.release_everything(ctx, VmState::Stopped);
+            self.release_everything(ctx, VmState::Stopped, false);
             return;
         };
         let job = StopJob {
@@ -188,68 +400,33 @@ impl CvmActor {
         ctx.spawn(job.run().into_actor(self).map(|result, act, ctx| match result {
             Ok(status) => {
                 info!(vm = %act.id, %status, "VM stopped");
-                act.release_everything(ctx, VmState::Stopped);
+                act.release_everything(ctx, VmState::Stopped, false);
             }
             Err((e, mut exit, pid)) => {
                 error!(vm = %act.id, error = %e, "VM did not stop; its files stay until it exits");
                 for waiter in act.stop_waiters.drain(..) {
                     let _ = waiter.send(Err(e.clone()));
                 }
-                // Files and port are released only once the process is gone.
                 ctx.spawn(
                     async move { wait_exit(&mut exit, pid, None).await }
                         .into_actor(act)
-                        .map(|_, act, ctx| act.release_everything(ctx, VmState::Stopped)),
+                        .map(|_, act, ctx| act.release_everything(ctx, VmState::Stopped, false)),
                 );
             }
         }));
     }
 
-    fn on_running(&mut self, ctx: &mut Context<Self>) {
-        let console_log = RotatingLog::open(
-            &self.paths.console_log,
-            self.config.vm_log_max_size.0,
-            self.config.vm_log_files,
-        );
-        match console_log {
-            Ok(log) => {
-                actix::spawn(console::pump(self.paths.console_socket.clone(), log));
+    /// Watches a process that is not our child through its pidfd.
+    fn watch_adopted(&self, ctx: &mut Context<Self>, pid: i32, pidfd: Arc<OwnedFd>) {
+        let addr = ctx.address();
+        actix::spawn(async move {
+            if pidfd_exited(pidfd).await.is_ok() {
+                addr.do_send(ChildExited {
+                    pid,
+                    status: ExitStatus::Unknown,
+                });
             }
-            Err(e) => warn!(vm = %self.id, error = %e, "cannot open the console log"),
-        }
-        if let Some(ttl) = self.create.ttl {
-            self.ttl_timer = Some(ctx.run_later(ttl, |act, ctx| {
-                info!(vm = %act.id, "TTL expired");
-                act.ttl_timer = None;
-                act.begin_stop(ctx, "TTL expired");
-            }));
-        }
-        // A stop asked for while the VM was starting, or an exit that raced
-        // the end of the start.
-        let exited = matches!(*self.exit.borrow(), Some((pid, _)) if Some(pid) == self.process.as_ref().map(|p| p.pid));
-        if exited {
-            let status = self.exit.borrow().map(|(_, s)| s);
-            if let Some(status) = status {
-                self.on_unexpected_exit(ctx, status);
-            }
-        } else if let Some(reason) = self.stop_requested.take() {
-            self.begin_stop(ctx, reason);
-        }
-    }
-
-    fn on_unexpected_exit(&mut self, ctx: &mut Context<Self>, status: ExitStatus) {
-        let last_line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
-        if status.success() {
-            info!(vm = %self.id, %status, "QEMU exited on its own (guest powered off)");
-        } else {
-            warn!(vm = %self.id, %status, qemu_said = %last_line, "QEMU exited on its own");
-        }
-        let state = if status.success() {
-            VmState::Stopped
-        } else {
-            VmState::Failed
-        };
-        self.release_everything(ctx, state);
+        });
     }
 }
 
@@ -264,36 +441,97 @@ impl Actor for CvmActor {
 impl Handler<Boot> for CvmActor {
     type Result = ResponseActFuture<Self, Result<Booted, ApiError>>;
 
-    fn handle(&mut self, _: Boot, ctx: &mut Self::Context) -> Self::Result {
-        let job = BootJob {
-            id: self.id.clone(),
-            config: self.config.clone(),
-            create: self.create.clone(),
-            paths: self.paths.clone(),
-            services: self.services.clone(),
-            notify: ctx.address().recipient(),
-            events: ctx.address().recipient(),
-            exit: self.exit.subscribe(),
-        };
-        Box::pin(job.run().into_actor(self).map(|outcome, act, ctx| {
-            act.port = outcome.port;
-            act.process = outcome.process;
-            act.qmp = outcome.qmp;
-            match outcome.result {
-                Ok(()) => {
-                    let port = act.port.unwrap_or_default();
+    fn handle(&mut self, msg: Boot, ctx: &mut Self::Context) -> Self::Result {
+        let create = msg.0;
+        self.ttl_deadline = create.ttl.map(|ttl| SystemTime::now() + ttl);
+        self.launching = true;
+        let launcher = self.launcher(ctx);
+        Box::pin(launcher.first_boot(create).into_actor(self).map(
+            |result, act, ctx| match result {
+                Ok(launched) => {
+                    let port = launched.port;
                     info!(vm = %act.id, port, "VM running");
-                    act.set_state(VmState::Running);
-                    act.on_running(ctx);
+                    act.take_launched(ctx, launched);
                     Ok(Booted { port })
                 }
                 Err(e) => {
                     warn!(vm = %act.id, error = %e, "VM failed to start");
-                    act.release_everything(ctx, VmState::Failed);
+                    act.release_everything(ctx, VmState::Failed, false);
                     Err(e)
                 }
+            },
+        ))
+    }
+}
+
+impl Handler<Adopt> for CvmActor {
+    type Result = ResponseActFuture<Self, Result<u16, ApiError>>;
+
+    fn handle(&mut self, msg: Adopt, ctx: &mut Self::Context) -> Self::Result {
+        let record = msg.0;
+        let pid = record.pid;
+        let same = |identity: &Option<Identity>| {
+            identity.as_ref().is_some_and(|i| {
+                i.start_time == record.start_time
+                    && i.exe == record.exe
+                    && i.cmdline
+                        .iter()
+                        .any(|a| a == &format!("cocos-{}", record.id))
+            })
+        };
+        // Check, open a pidfd, check again: the pidfd then names the very
+        // process we checked, whatever happens to the pid later.
+        let pidfd = if same(&identify(pid)) {
+            pidfd_open(pid).ok().filter(|_| same(&identify(pid)))
+        } else {
+            None
+        };
+        let Some(pidfd) = pidfd else {
+            info!(vm = %self.id, pid, "the VM's QEMU is gone (or its pid belongs to another process now); cleaning up");
+            self.release_everything(ctx, VmState::Stopped, false);
+            return Box::pin(fut::ready(Err(ApiError::NotFound(format!(
+                "VM {} is gone",
+                record.id
+            )))));
+        };
+        let pidfd = Arc::new(pidfd);
+        let identity = identify(pid).unwrap_or(Identity {
+            start_time: record.start_time,
+            exe: record.exe.clone(),
+            cmdline: Vec::new(),
+        });
+        self.watch_adopted(ctx, pid, pidfd.clone());
+        let ports = self.services.ports.clone();
+        let port = record.port;
+        let socket = record.paths.qmp_socket.clone();
+        let events: Recipient<QmpEvent> = ctx.address().recipient();
+        Box::pin(
+            async move {
+                if !ports.send(ReserveExact(port)).await.unwrap_or(false) {
+                    warn!(port, "re-adopted VM's port was already reserved");
+                }
+                tokio::time::timeout(Duration::from_secs(5), Qmp::connect(&socket, events)).await
             }
-        }))
+            .into_actor(self)
+            .map(move |qmp, act, ctx| {
+                act.port = Some(port);
+                act.qmp = match qmp {
+                    Ok(Ok(qmp)) => Some(qmp),
+                    Ok(Err(e)) => {
+                        warn!(vm = %act.id, error = %e, "re-adopted VM's control socket does not answer; stop will use signals");
+                        None
+                    }
+                    Err(_) => {
+                        warn!(vm = %act.id, "re-adopted VM's control socket timed out; stop will use signals");
+                        None
+                    }
+                };
+                act.process = Some(Process { pid, pidfd, identity });
+                info!(vm = %act.id, pid, port, "re-adopted VM");
+                act.on_running(ctx);
+                Ok(port)
+            }),
+        )
     }
 }
 
@@ -302,20 +540,8 @@ impl Handler<Stop> for CvmActor {
 
     fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        match self.state {
-            VmState::Stopped | VmState::Failed => {
-                let _ = tx.send(Ok(()));
-            }
-            VmState::Starting => {
-                self.stop_waiters.push(tx);
-                self.stop_requested.get_or_insert(msg.reason);
-            }
-            VmState::Stopping => self.stop_waiters.push(tx),
-            VmState::Running => {
-                self.stop_waiters.push(tx);
-                self.begin_stop(ctx, msg.reason);
-            }
-        }
+        self.stop_waiters.push(tx);
+        self.request_stop(ctx, msg.reason);
         Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }
 }
@@ -324,12 +550,17 @@ impl Handler<ChildExited> for CvmActor {
     type Result = ();
 
     fn handle(&mut self, msg: ChildExited, ctx: &mut Self::Context) {
+        // A re-adopted process may be reported twice (pidfd, then reaper).
+        let current = *self.exit.borrow();
+        if current.is_some_and(|(pid, _)| pid == msg.pid) {
+            return;
+        }
         self.exit.send_replace(Some((msg.pid, msg.status)));
         let ours = self.process.as_ref().is_some_and(|p| p.pid == msg.pid);
-        if self.state == VmState::Running && ours {
-            self.on_unexpected_exit(ctx, msg.status);
+        if self.state == VmState::Running && ours && !self.launching {
+            self.on_exit(ctx, msg.status);
         }
-        // Starting and Stopping: the job in progress sees it through `exit`.
+        // Starting, restarting and stopping: the job in progress sees it.
     }
 }
 
@@ -338,253 +569,23 @@ impl Handler<QmpEvent> for CvmActor {
 
     fn handle(&mut self, msg: QmpEvent, _ctx: &mut Self::Context) {
         match msg.event.as_str() {
-            "GUEST_PANICKED" => warn!(vm = %self.id, data = %msg.data, "guest panicked"),
-            "SHUTDOWN" => info!(vm = %self.id, data = %msg.data, "guest shutdown"),
-            other => debug!(vm = %self.id, event = other, data = %msg.data, "QMP event"),
-        }
-    }
-}
-
-/// Waits until the process `pid` has been reaped, at most `limit`.
-async fn wait_exit(exit: &mut ExitWatch, pid: i32, limit: Option<Duration>) -> Option<ExitStatus> {
-    let wait = exit.wait_for(|v| matches!(v, Some((p, _)) if *p == pid));
-    let result = match limit {
-        Some(limit) => tokio::time::timeout(limit, wait).await.ok()?,
-        None => wait.await,
-    };
-    result.ok().and_then(|v| v.map(|(_, status)| status))
-}
-
-struct BootOutcome {
-    port: Option<u16>,
-    process: Option<Process>,
-    qmp: Option<Qmp>,
-    result: Result<(), ApiError>,
-}
-
-struct BootJob {
-    id: String,
-    config: Arc<Config>,
-    create: ValidatedCreate,
-    paths: VmPaths,
-    services: Services,
-    notify: Recipient<ChildExited>,
-    events: Recipient<QmpEvent>,
-    exit: ExitWatch,
-}
-
-/// Why one start attempt failed, and whether another port may help.
-struct AttemptError {
-    error: ApiError,
-    retry_on_other_port: bool,
-}
-
-impl BootJob {
-    async fn run(mut self) -> BootOutcome {
-        let mut outcome = BootOutcome {
-            port: None,
-            process: None,
-            qmp: None,
-            result: Ok(()),
-        };
-        if let Err(e) = files::prepare(&self.config, &self.paths, &self.id, &self.create) {
-            outcome.result = Err(ApiError::Internal(format!(
-                "cannot prepare the VM's files: {e}"
-            )));
-            return outcome;
-        }
-        let mut port = match self.reserve_port().await {
-            Ok(port) => port,
-            Err(e) => {
-                outcome.result = Err(e);
-                return outcome;
-            }
-        };
-        let mut attempt = 1;
-        loop {
-            outcome.port = Some(port);
-            let error = match self.attempt(port, &mut outcome).await {
-                Ok(()) => return outcome,
-                Err(e) if e.retry_on_other_port && attempt < PORT_RETRIES => e.error,
-                Err(e) => {
-                    outcome.result = Err(e.error);
-                    return outcome;
-                }
-            };
-            warn!(vm = %self.id, port, "forwarded port was taken by another process; trying another");
-            // The taken port stays reserved until the next one is, so the
-            // pool cannot hand it straight back.
-            let next = self.reserve_port().await;
-            self.services.ports.do_send(Release(port));
-            outcome.port = None;
-            match next {
-                Ok(next) => port = next,
-                Err(_) => {
-                    outcome.result = Err(error);
-                    return outcome;
-                }
-            }
-            attempt += 1;
-        }
-    }
-
-    async fn reserve_port(&self) -> Result<u16, ApiError> {
-        self.services.ports.send(Reserve).await?.ok_or_else(|| {
-            ApiError::ResourceExhausted(format!(
-                "no free host port in MANAGER_QEMU_HOST_FWD_RANGE ({})",
-                self.config.port_range()
-            ))
-        })
-    }
-
-    /// One try at starting QEMU on `port`. On failure no process is left.
-    async fn attempt(&mut self, port: u16, outcome: &mut BootOutcome) -> Result<(), AttemptError> {
-        let fail = |error: ApiError| AttemptError {
-            error,
-            retry_on_other_port: false,
-        };
-        let spec = LaunchSpec {
-            id: &self.id,
-            port,
-            paths: &self.paths,
-            aa_kbs_params: &self.create.aa_kbs_params,
-        };
-        let argv = command_line(&self.config, &spec);
-        let quoted = shell_quote(&argv);
-        info!(vm = %self.id, port, command = %quoted, "starting QEMU");
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.paths.qemu_log)
-            .map_err(|e| {
-                fail(ApiError::Internal(format!(
-                    "cannot open {}: {e}",
-                    self.paths.qemu_log.display()
-                )))
-            })?;
-        let stamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        let _ = writeln!(log, "--- {stamp} starting: {quoted}");
-        // A socket left by an earlier attempt must not be mistaken for this one.
-        let _ = std::fs::remove_file(&self.paths.qmp_socket);
-        let spawned = self
-            .services
-            .reaper
-            .send(Spawn {
-                argv,
-                output: log,
-                notify: self.notify.clone(),
-            })
-            .await
-            .map_err(|e| fail(e.into()))?
-            .map_err(|e| {
-                fail(ApiError::StartFailed(format!(
-                    "cannot start {}: {e}",
-                    self.config.qemu_bin_path.display()
-                )))
-            })?;
-        let pid = spawned.pid;
-        let pidfd = Arc::new(spawned.pidfd);
-        outcome.process = Some(Process {
-            pid,
-            pidfd: pidfd.clone(),
-        });
-
-        let ready = self.wait_ready(pid, port).await;
-        match ready {
-            Ok(qmp) => {
-                outcome.qmp = Some(qmp);
-                Ok(())
-            }
-            Err(Readiness::Exited(status)) => {
-                outcome.process = None;
-                let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
-                let retry = line.contains("host forwarding rule");
-                Err(AttemptError {
-                    error: ApiError::StartFailed(format!(
-                        "QEMU exited at start ({status}): {line}"
-                    )),
-                    retry_on_other_port: retry,
-                })
-            }
-            Err(Readiness::Failed(reason)) => {
-                // Not ours to keep: kill it and wait until it is reaped.
-                if let Err(e) = pidfd_signal(&pidfd, Signal::SIGKILL) {
-                    error!(vm = %self.id, pid, error = %e, "cannot kill QEMU");
-                }
-                let status = wait_exit(&mut self.exit, pid, None).await;
-                debug!(vm = %self.id, ?status, "failed QEMU reaped");
-                outcome.process = None;
-                Err(fail(ApiError::StartFailed(reason)))
-            }
-        }
-    }
-
-    /// QEMU is up when its process lives, its control socket answers with a
-    /// running VM, and the forwarded port is bound.
-    async fn wait_ready(&mut self, pid: i32, port: u16) -> Result<Qmp, Readiness> {
-        let deadline = tokio::time::Instant::now() + self.config.start_timeout;
-        let mut exit = self.exit.clone();
-        let connect = async {
-            let mut delay = Duration::from_millis(2);
-            loop {
-                match Qmp::connect(&self.paths.qmp_socket, self.events.clone()).await {
-                    Ok(qmp) => return qmp,
-                    Err(e) => {
-                        debug!(vm = %self.id, error = %e, "control socket not ready");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(50));
+            "GUEST_PANICKED" => {
+                warn!(vm = %self.id, data = %msg.data, "guest panicked; killing QEMU so supervision restarts it");
+                self.shutdown_reason = Some("guest-panic".into());
+                if let Some(process) = &self.process {
+                    if let Err(e) = pidfd_signal(&process.pidfd, Signal::SIGKILL) {
+                        error!(vm = %self.id, error = %e, "cannot kill the panicked VM");
                     }
                 }
             }
-        };
-        let qmp = tokio::select! {
-            qmp = connect => qmp,
-            status = wait_exit(&mut exit, pid, None) => {
-                return Err(match status {
-                    Some(status) => Readiness::Exited(status),
-                    None => Readiness::Failed("lost track of QEMU".into()),
-                });
+            "SHUTDOWN" => {
+                let reason = msg.data["reason"].as_str().unwrap_or("unknown").to_string();
+                info!(vm = %self.id, %reason, "QEMU reports shutdown");
+                self.shutdown_reason = Some(reason);
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(Readiness::Failed(format!(
-                    "QEMU did not answer on its control socket within {:?}",
-                    self.config.start_timeout
-                )));
-            }
-        };
-        let status = tokio::select! {
-            status = qmp.status() => status,
-            status = wait_exit(&mut exit, pid, None) => {
-                return Err(match status {
-                    Some(status) => Readiness::Exited(status),
-                    None => Readiness::Failed("lost track of QEMU".into()),
-                });
-            }
-        };
-        match status {
-            Ok(s) if s == "running" => {}
-            Ok(s) => {
-                return Err(Readiness::Failed(format!(
-                    "QEMU reports the VM {s}, not running"
-                )))
-            }
-            Err(e) => return Err(Readiness::Failed(format!("QEMU control socket: {e}"))),
+            other => debug!(vm = %self.id, event = other, data = %msg.data, "QMP event"),
         }
-        if TcpListener::bind((CvmActor::bind_addr(&self.config), port)).is_ok() {
-            return Err(Readiness::Failed(format!(
-                "QEMU is running but did not bind the forwarded port {port}"
-            )));
-        }
-        Ok(qmp)
     }
-}
-
-enum Readiness {
-    Exited(ExitStatus),
-    Failed(String),
 }
 
 struct StopJob {
@@ -598,27 +599,29 @@ struct StopJob {
 
 impl StopJob {
     /// Asks the guest to power off, then QEMU to quit, then SIGTERM, then
-    /// SIGKILL, each stage bounded. Done when the process has been reaped.
+    /// SIGKILL, each stage bounded. Done when the process has ended.
     async fn run(mut self) -> Result<ExitStatus, (ApiError, ExitWatch, i32)> {
         let pid = self.pid;
         if let Some(status) = wait_exit(&mut self.exit, pid, Some(Duration::ZERO)).await {
             return Ok(status);
         }
         if let Some(qmp) = &self.qmp {
-            match qmp.execute("system_powerdown", None).await {
-                Ok(_) => {
-                    if let Some(s) = wait_exit(
-                        &mut self.exit,
-                        pid,
-                        Some(self.config.stop_powerdown_timeout),
-                    )
-                    .await
-                    {
-                        return Ok(s);
+            if !self.config.stop_powerdown_timeout.is_zero() {
+                match qmp.execute("system_powerdown", None).await {
+                    Ok(_) => {
+                        if let Some(s) = wait_exit(
+                            &mut self.exit,
+                            pid,
+                            Some(self.config.stop_powerdown_timeout),
+                        )
+                        .await
+                        {
+                            return Ok(s);
+                        }
+                        info!(vm = %self.id, "guest did not power off in time; asking QEMU to quit");
                     }
-                    info!(vm = %self.id, "guest did not power off in time; asking QEMU to quit");
+                    Err(e) => debug!(vm = %self.id, error = %e, "system_powerdown failed"),
                 }
-                Err(e) => debug!(vm = %self.id, error = %e, "system_powerdown failed"),
             }
             if let Err(e) = qmp.execute("quit", None).await {
                 debug!(vm = %self.id, error = %e, "quit failed");

@@ -45,18 +45,20 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
             .into_response();
     };
     let running = vms.iter().filter(|v| v.running).count();
+    let failed = vms.iter().filter(|v| v.failed).count();
     let text = format!(
         "# HELP cocos_manager_vms VMs known to the manager, by state.\n\
          # TYPE cocos_manager_vms gauge\n\
          cocos_manager_vms{{state=\"running\"}} {running}\n\
          cocos_manager_vms{{state=\"starting\"}} {}\n\
+         cocos_manager_vms{{state=\"failed\"}} {failed}\n\
          # HELP cocos_manager_ports_in_use Host ports reserved for VMs.\n\
          # TYPE cocos_manager_ports_in_use gauge\n\
          cocos_manager_ports_in_use {}\n\
          # HELP cocos_manager_ports_total Host ports in MANAGER_QEMU_HOST_FWD_RANGE.\n\
          # TYPE cocos_manager_ports_total gauge\n\
          cocos_manager_ports_total {}\n",
-        vms.len() - running,
+        vms.len() - running - failed,
         ports.in_use.len(),
         ports.range.len(),
     );

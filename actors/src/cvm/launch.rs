@@ -1,0 +1,263 @@
+//! Starting QEMU for a VM: the first boot (files, port, command line) and
+//! each later launch of the same command. A launch succeeds only when the
+//! process lives, QMP answers with a running VM and the forwarded port is
+//! bound; when it fails, no process is left behind.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use cocos_core::config::Config;
+use cocos_core::guest::ValidatedCreate;
+use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use super::files;
+use super::qmp::{Qmp, QmpEvent};
+use super::Services;
+use crate::error::ApiError;
+use crate::ports::{Release, Reserve};
+use crate::process::{identify, pidfd_signal, ExitStatus, Identity};
+use crate::reaper::{ChildExited, Spawn};
+
+/// How many ports a first boot tries when QEMU reports the forwarded port
+/// taken (another process bound it after our probe).
+const PORT_TRIES: usize = 3;
+
+pub type ExitWatch = watch::Receiver<Option<(i32, ExitStatus)>>;
+
+/// Waits until the process `pid` has ended, at most `limit`.
+pub async fn wait_exit(
+    exit: &mut ExitWatch,
+    pid: i32,
+    limit: Option<Duration>,
+) -> Option<ExitStatus> {
+    let wait = exit.wait_for(|v| matches!(v, Some((p, _)) if *p == pid));
+    let result = match limit {
+        Some(limit) => tokio::time::timeout(limit, wait).await.ok()?,
+        None => wait.await,
+    };
+    result.ok().and_then(|v| v.map(|(_, status)| status))
+}
+
+pub struct Launched {
+    pub port: u16,
+    pub argv: Vec<String>,
+    pub pid: i32,
+    pub pidfd: Arc<OwnedFd>,
+    pub identity: Identity,
+    pub qmp: Option<Qmp>,
+}
+
+pub struct LaunchError {
+    pub error: ApiError,
+    retry_on_other_port: bool,
+}
+
+impl LaunchError {
+    fn fatal(error: ApiError) -> LaunchError {
+        LaunchError {
+            error,
+            retry_on_other_port: false,
+        }
+    }
+}
+
+pub struct Launcher {
+    pub id: String,
+    pub config: Arc<Config>,
+    pub paths: VmPaths,
+    pub services: Services,
+    pub notify: Recipient<ChildExited>,
+    pub events: Recipient<QmpEvent>,
+    pub exit: ExitWatch,
+}
+
+enum Readiness {
+    Exited(ExitStatus),
+    Failed(String),
+}
+
+impl Launcher {
+    /// Makes the VM's files, reserves a port and launches. On error the
+    /// port is released; the caller removes the files.
+    pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<Launched, ApiError> {
+        files::prepare(&self.config, &self.paths, &self.id, &create)
+            .map_err(|e| ApiError::Internal(format!("cannot prepare the VM's files: {e}")))?;
+        let mut port = self.reserve_port().await?;
+        let mut tries = 1;
+        loop {
+            let spec = LaunchSpec {
+                id: &self.id,
+                port,
+                paths: &self.paths,
+                aa_kbs_params: &create.aa_kbs_params,
+            };
+            let argv = command_line(&self.config, &spec);
+            let error = match self.launch(argv, port).await {
+                Ok(launched) => return Ok(launched),
+                Err(e) if e.retry_on_other_port && tries < PORT_TRIES => e.error,
+                Err(e) => {
+                    self.services.ports.do_send(Release(port));
+                    return Err(e.error);
+                }
+            };
+            warn!(vm = %self.id, port, "forwarded port was taken by another process; trying another");
+            // The taken port stays reserved until the next one is, so the
+            // pool cannot hand it straight back.
+            let next = self.reserve_port().await;
+            self.services.ports.do_send(Release(port));
+            port = next.map_err(|_| error)?;
+            tries += 1;
+        }
+    }
+
+    async fn reserve_port(&self) -> Result<u16, ApiError> {
+        self.services.ports.send(Reserve).await?.ok_or_else(|| {
+            ApiError::ResourceExhausted(format!(
+                "no free host port in MANAGER_QEMU_HOST_FWD_RANGE ({})",
+                self.config.port_range()
+            ))
+        })
+    }
+
+    /// Starts `argv` and waits until the VM is up. On failure no process is left.
+    pub async fn launch(&mut self, argv: Vec<String>, port: u16) -> Result<Launched, LaunchError> {
+        let fatal = LaunchError::fatal;
+        let quoted = shell_quote(&argv);
+        info!(vm = %self.id, port, command = %quoted, "starting QEMU");
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.paths.qemu_log)
+            .map_err(|e| {
+                fatal(ApiError::Internal(format!(
+                    "cannot open {}: {e}",
+                    self.paths.qemu_log.display()
+                )))
+            })?;
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let _ = writeln!(log, "--- {stamp} starting: {quoted}");
+        // A socket left by an earlier run must not be mistaken for this one.
+        let _ = std::fs::remove_file(&self.paths.qmp_socket);
+        let spawned = self
+            .services
+            .reaper
+            .send(Spawn {
+                argv: argv.clone(),
+                output: log,
+                notify: self.notify.clone(),
+            })
+            .await
+            .map_err(|e| fatal(e.into()))?
+            .map_err(|e| {
+                fatal(ApiError::StartFailed(format!(
+                    "cannot start {}: {e}",
+                    argv.first().map(String::as_str).unwrap_or("QEMU")
+                )))
+            })?;
+        let pid = spawned.pid;
+        let pidfd = Arc::new(spawned.pidfd);
+        let identity = identify(pid);
+        match (self.wait_ready(pid, port).await, identity) {
+            (Ok(qmp), Some(identity)) => Ok(Launched {
+                port,
+                argv,
+                pid,
+                pidfd,
+                identity,
+                qmp: Some(qmp),
+            }),
+            (Err(Readiness::Exited(status)), _) => {
+                let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
+                Err(LaunchError {
+                    retry_on_other_port: line.contains("host forwarding rule"),
+                    error: ApiError::StartFailed(format!(
+                        "QEMU exited at start ({status}): {line}"
+                    )),
+                })
+            }
+            (ready, _) => {
+                let reason = match ready {
+                    Err(Readiness::Failed(reason)) => reason,
+                    _ => "QEMU vanished from /proc while starting".to_string(),
+                };
+                // Not ours to keep: kill it and wait until it is reaped.
+                if let Err(e) = pidfd_signal(&pidfd, Signal::SIGKILL) {
+                    error!(vm = %self.id, pid, error = %e, "cannot kill QEMU");
+                }
+                let status = wait_exit(&mut self.exit, pid, None).await;
+                debug!(vm = %self.id, ?status, "failed QEMU reaped");
+                Err(fatal(ApiError::StartFailed(reason)))
+            }
+        }
+    }
+
+    /// QEMU is up when its process lives, its control socket answers with a
+    /// running VM, and the forwarded port is bound.
+    async fn wait_ready(&mut self, pid: i32, port: u16) -> Result<Qmp, Readiness> {
+        let deadline = tokio::time::Instant::now() + self.config.start_timeout;
+        let mut exit = self.exit.clone();
+        let exited = |status: Option<ExitStatus>| match status {
+            Some(status) => Readiness::Exited(status),
+            None => Readiness::Failed("lost track of QEMU".into()),
+        };
+        let connect = async {
+            let mut delay = Duration::from_millis(2);
+            loop {
+                match Qmp::connect(&self.paths.qmp_socket, self.events.clone()).await {
+                    Ok(qmp) => return qmp,
+                    Err(e) => {
+                        debug!(vm = %self.id, error = %e, "control socket not ready");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(50));
+                    }
+                }
+            }
+        };
+        let qmp = tokio::select! {
+            qmp = connect => qmp,
+            status = wait_exit(&mut exit, pid, None) => return Err(exited(status)),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Readiness::Failed(format!(
+                    "QEMU did not answer on its control socket within {:?}",
+                    self.config.start_timeout
+                )));
+            }
+        };
+        let status = tokio::select! {
+            status = qmp.status() => status,
+            status = wait_exit(&mut exit, pid, None) => return Err(exited(status)),
+        };
+        match status {
+            Ok(s) if s == "running" => {}
+            Ok(s) => {
+                return Err(Readiness::Failed(format!(
+                    "QEMU reports the VM {s}, not running"
+                )))
+            }
+            Err(e) => return Err(Readiness::Failed(format!("QEMU control socket: {e}"))),
+        }
+        let bind = self
+            .config
+            .qemu_host_fwd_bind
+            .as_str()
+            .parse()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        if TcpListener::bind((bind, port)).is_ok() {
+            return Err(Readiness::Failed(format!(
+                "QEMU is running but did not bind the forwarded port {port}"
+            )));
+        }
+        Ok(qmp)
+    }
+}
