@@ -188,6 +188,11 @@ fn main() -> ExitCode {
     }
 
     let (filter, _log_guard) = init_logging(&loaded.config);
+    // A panic ends only the actor it happens in (tokio contains it); make
+    // sure it is in the log.
+    std::panic::set_hook(Box::new(|info| {
+        error!(panic = %info, "internal error (panic); the affected actor stopped");
+    }));
     for warning in &loaded.warnings {
         warn!("{warning}");
     }

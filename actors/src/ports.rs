@@ -70,7 +70,7 @@ impl Handler<Reserve> for PortAllocator {
     fn handle(&mut self, _: Reserve, _ctx: &mut Self::Context) -> Option<u16> {
         let bind = self.bind;
         let port = self.pool.reserve(|port| host_has_free(bind, port));
-        debug!(?port, free = self.pool.free_count(), "port reserved");
+        debug!(?port, "port reserved");
         port
     }
 }

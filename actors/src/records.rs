@@ -1,7 +1,11 @@
-//! VM records on disk: written atomically (write, fsync, rename, fsync the
-//! folder), found again at start, and set aside when unreadable.
+//! VM records on disk: written atomically (write a temporary file, rename
+//! it over the record), found again at start, and set aside when unreadable.
+//!
+//! The rename is what a manager killed mid-write needs: it never sees a torn
+//! record. There is no fsync: a record only has to outlive the manager, not
+//! the host, because no VM outlives the host either.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,10 +24,8 @@ pub fn write(record: &VmRecord) -> io::Result<()> {
             .truncate(true)
             .open(&tmp)?;
         file.write_all(&record.to_json())?;
-        file.sync_all()?;
     }
-    fs::rename(&tmp, dir.join(RECORD_FILE))?;
-    File::open(dir)?.sync_all()
+    fs::rename(&tmp, dir.join(RECORD_FILE))
 }
 
 /// What start-up finds in one VM folder.

@@ -80,6 +80,8 @@ pub struct Supervisor {
     ports: Addr<PortAllocator>,
     reaper: Addr<ZombieReaper>,
     vms: HashMap<String, VmEntry>,
+    /// Entries that are failed tombstones; they do not count against the limit.
+    failed: usize,
     accepting: bool,
 }
 
@@ -94,6 +96,7 @@ impl Supervisor {
             ports,
             reaper,
             vms: HashMap::new(),
+            failed: 0,
             accepting: true,
         }
     }
@@ -107,7 +110,7 @@ impl Supervisor {
     }
 
     fn live_count(&self) -> usize {
-        self.vms.values().filter(|v| !v.failed).count()
+        self.vms.len() - self.failed
     }
 }
 
@@ -189,6 +192,7 @@ impl Handler<RemoveVm> for Supervisor {
         if entry.failed {
             // It holds nothing any more; removing it only forgets it.
             self.vms.remove(&id);
+            self.failed -= 1;
             info!(vm = %id, "failed VM removed from the list");
             return Box::pin(async { Ok(()) });
         }
@@ -223,7 +227,10 @@ impl Handler<VmGone> for Supervisor {
     fn handle(&mut self, msg: VmGone, _ctx: &mut Self::Context) {
         if msg.keep_listed {
             if let Some(entry) = self.vms.get_mut(&msg.id) {
-                entry.failed = true;
+                if !entry.failed {
+                    entry.failed = true;
+                    self.failed += 1;
+                }
                 entry.port = None;
             }
             warn!(vm = %msg.id, "VM marked failed");

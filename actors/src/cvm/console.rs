@@ -83,7 +83,8 @@ pub async fn pump(socket: PathBuf, mut log: RotatingLog) {
             return;
         }
     };
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small: one of these lives per VM.
+    let mut buf = vec![0u8; 2048];
     loop {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,

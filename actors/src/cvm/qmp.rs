@@ -45,7 +45,8 @@ impl Qmp {
     pub async fn connect(path: &Path, events: Recipient<QmpEvent>) -> Result<Qmp, QmpError> {
         let stream = UnixStream::connect(path).await?;
         let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
+        // QMP lines are short; one reader lives per VM.
+        let mut lines = BufReader::with_capacity(1024, read).lines();
         let greeting = lines.next_line().await?.ok_or(QmpError::Closed)?;
         let greeting: Value = serde_json::from_str(&greeting)
             .map_err(|e| QmpError::Protocol(format!("bad greeting: {e}")))?;

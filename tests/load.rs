@@ -1,0 +1,180 @@
+//! Load without loss, with the stand-in QEMU (a test double; a few hundred
+//! real guests do not fit on a 2-core CI machine): many clients create,
+//! query and remove concurrently while some VMs crash. Every request must
+//! get a correct answer, no VM may be lost or duplicated, no port handed
+//! out twice, and nothing may be left at the end.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cocos_core::proto::{CreateReq, CvmInfoReq, RemoveReq};
+use common::*;
+use tonic::Code;
+
+const CLIENTS: usize = 16;
+const ROUNDS: usize = 20;
+const KEEP: usize = 6;
+
+fn stand_in() -> std::path::PathBuf {
+    let path = manager_binary().with_file_name("qemu-stand-in");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --workspace",
+        path.display()
+    );
+    path
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Ports held by VMs the clients believe alive, and by whom.
+    live: HashMap<u16, String>,
+    /// Ports whose VM is being removed: the manager may hand them out again
+    /// as soon as the remove has finished inside it.
+    releasing: HashSet<u16>,
+    ids: HashSet<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_with_crashing_vms_lose_nothing() {
+    let range = free_port_range(400);
+    let mut env = Manager::dev_env(range);
+    for (k, v) in [
+        (
+            "MANAGER_QEMU_BIN_PATH",
+            stand_in().to_string_lossy().as_ref(),
+        ),
+        ("MANAGER_MAX_VMS", "0"),
+        ("MANAGER_LOG_LEVEL", "info"),
+        ("MANAGER_STOP_POWERDOWN_TIMEOUT", "2s"),
+        ("MANAGER_RESTART_BACKOFF_INITIAL", "50ms"),
+        ("MANAGER_RESTART_BACKOFF_MAX", "200ms"),
+        ("MANAGER_RESTART_MAX_RESTARTS", "50"),
+        ("STAND_IN_CRASH_AFTER", "300ms"),
+        ("STAND_IN_CRASH_PROBABILITY", "0.15"),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    let manager = Manager::start_with(env, range);
+    let client = manager.client().await;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+
+    let workers = (0..CLIENTS).map(|w| {
+        let mut client = client.clone();
+        let ledger = ledger.clone();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            for round in 0..ROUNDS {
+                let created = client
+                    .create_vm(CreateReq {
+                        agent_log_level: format!("w{w}r{round}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("CreateVm failed: {e}"))
+                    .into_inner();
+                let port: u16 = created.forwarded_port.parse().expect("port");
+                {
+                    let mut l = ledger.lock().expect("ledger");
+                    assert!(l.ids.insert(created.cvm_id.clone()), "id handed out twice");
+                    if let Some(holder) = l.live.get(&port) {
+                        assert!(
+                            l.releasing.contains(&port),
+                            "port {port} handed out twice (held by {holder})"
+                        );
+                    }
+                    l.releasing.remove(&port);
+                    l.live.insert(port, created.cvm_id.clone());
+                }
+                let info = client
+                    .cvm_info(CvmInfoReq {
+                        id: created.cvm_id.clone(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("CVMInfo of a live VM failed: {e}"))
+                    .into_inner();
+                assert_eq!(info.id, created.cvm_id);
+                if round % (ROUNDS / KEEP) == 0 {
+                    kept.push((created.cvm_id, port));
+                    continue;
+                }
+                ledger.lock().expect("ledger").releasing.insert(port);
+                client
+                    .remove_vm(RemoveReq {
+                        cvm_id: created.cvm_id.clone(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("RemoveVm failed: {e}"));
+                let mut l = ledger.lock().expect("ledger");
+                if l.live.get(&port) == Some(&created.cvm_id) {
+                    l.live.remove(&port);
+                    l.releasing.remove(&port);
+                }
+            }
+            kept
+        })
+    });
+    let mut kept = Vec::new();
+    for worker in workers.collect::<Vec<_>>() {
+        kept.extend(worker.await.expect("client task"));
+    }
+    let created = ledger.lock().expect("ledger").ids.len();
+    assert_eq!(created, CLIENTS * ROUNDS);
+    assert!(
+        manager.log().contains("restarting VM"),
+        "no crash was exercised"
+    );
+
+    // Every kept VM is still there (crashes were restarted), then removed.
+    let mut client = client;
+    for (id, _) in &kept {
+        client
+            .cvm_info(CvmInfoReq { id: id.clone() })
+            .await
+            .expect("kept VM lost");
+    }
+    let removes = kept.iter().map(|(id, _)| {
+        let mut c = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move { c.remove_vm(RemoveReq { cvm_id: id }).await })
+    });
+    for r in removes.collect::<Vec<_>>() {
+        r.await.expect("task").expect("RemoveVm of a kept VM");
+    }
+    let ids: Vec<String> = ledger.lock().expect("ledger").ids.iter().cloned().collect();
+    for id in ids {
+        let err = client
+            .cvm_info(CvmInfoReq { id })
+            .await
+            .expect_err("all removed");
+        assert_eq!(err.code(), Code::NotFound);
+    }
+
+    assert!(
+        manager.vm_folders().is_empty(),
+        "{:?}",
+        manager.vm_folders()
+    );
+    let state = manager.state_dir.path().to_string_lossy().into_owned();
+    assert!(
+        eventually(Duration::from_secs(10), || pids_matching(&state).is_empty()).await,
+        "stand-ins left: {:?}",
+        pids_matching(&state)
+    );
+    assert!(zombie_children(manager.pid()).is_empty());
+    for port in range.0..=range.1 {
+        assert!(port_is_free(port), "port {port} still bound");
+    }
+    let http = manager.http_port;
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+        .await
+        .expect("join")
+        .expect("metrics");
+    assert!(
+        metrics.contains("cocos_manager_ports_in_use 0"),
+        "{metrics}"
+    );
+}
