@@ -178,3 +178,51 @@ async fn concurrent_clients_with_crashing_vms_lose_nothing() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_console_cannot_fill_the_disk() {
+    let range = free_port_range(2);
+    let mut env = Manager::dev_env(range);
+    for (k, v) in [
+        (
+            "MANAGER_QEMU_BIN_PATH",
+            stand_in().to_string_lossy().as_ref(),
+        ),
+        ("MANAGER_VM_LOG_MAX_SIZE", "64K"),
+        ("MANAGER_VM_LOG_FILES", "2"),
+        ("STAND_IN_CONSOLE_SPAM", "2000000"),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    let manager = Manager::start_with(env, range);
+    let mut client = manager.client().await;
+    let vm = client
+        .create_vm(CreateReq::default())
+        .await
+        .expect("CreateVm")
+        .into_inner();
+    let dir = manager.vms_dir().join(&vm.cvm_id);
+    assert!(
+        eventually(Duration::from_secs(20), || dir
+            .join("console.log.1")
+            .exists())
+        .await,
+        "the console log was never rotated"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let size = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    assert!(size("console.log") <= 64 * 1024);
+    assert_eq!(size("console.log.1"), 64 * 1024);
+    assert!(
+        !dir.join("console.log.2").exists(),
+        "more files kept than MANAGER_VM_LOG_FILES"
+    );
+    client
+        .remove_vm(RemoveReq { cvm_id: vm.cvm_id })
+        .await
+        .expect("RemoveVm");
+}

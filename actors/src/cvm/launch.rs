@@ -132,6 +132,15 @@ impl Launcher {
         let fatal = LaunchError::fatal;
         let quoted = shell_quote(&argv);
         info!(vm = %self.id, port, command = %quoted, "starting QEMU");
+        // QEMU holds its stderr open for its whole life, so its log is capped
+        // at each launch: a full one is moved to qemu.log.1.
+        if std::fs::metadata(&self.paths.qemu_log)
+            .is_ok_and(|m| m.len() >= self.config.vm_log_max_size.0)
+        {
+            let mut old = self.paths.qemu_log.clone().into_os_string();
+            old.push(".1");
+            let _ = std::fs::rename(&self.paths.qemu_log, old);
+        }
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)

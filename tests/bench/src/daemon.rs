@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::net::TcpListener;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -110,14 +111,11 @@ pub fn free_port_range(n: u16) -> BenchResult<(u16, u16)> {
     const LAST: u32 = 32767;
     let n = u32::from(n.max(1));
     let mut start = FIRST;
-    'search: while start + n - 1 <= LAST {
-        for port in start..start + n {
-            if !port_is_free(port as u16) {
-                start = port + 1;
-                continue 'search;
-            }
+    while start + n - 1 <= LAST {
+        match (start..start + n).find(|port| !port_is_free(*port as u16)) {
+            Some(taken) => start = taken + 1,
+            None => return Ok((start as u16, (start + n - 1) as u16)),
         }
-        return Ok((start as u16, (start + n - 1) as u16));
     }
     Err(format!("no {n} consecutive free ports in {FIRST}-{LAST}").into())
 }
@@ -171,7 +169,10 @@ impl DaemonSpec {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(&self.env)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // Its own process group: a Ctrl-C meant for the bench must not
+            // reach the manager (the bench's guards stop it and its VMs).
+            .process_group(0);
         cmd
     }
 }

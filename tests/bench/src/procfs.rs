@@ -16,8 +16,7 @@ pub fn hwm_kib(pid: u32) -> BenchResult<u64> {
 
 fn status_kib(pid: u32, key: &str) -> BenchResult<u64> {
     let path = format!("/proc/{pid}/status");
-    let status =
-        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let line = status
         .lines()
         .find(|l| l.starts_with(key))
