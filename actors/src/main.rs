@@ -131,7 +131,9 @@ fn init_logging(config: &Config) -> (FilterHandle, tracing_appender::non_blockin
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(writer)
-                .with_target(false),
+                .with_target(false)
+                // Colour codes only for a terminal, never in a log file or the journal.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
     (handle, guard)

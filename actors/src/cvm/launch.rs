@@ -129,6 +129,7 @@ impl Launcher {
 
     /// Starts `argv` and waits until the VM is up. On failure no process is left.
     pub async fn launch(&mut self, argv: Vec<String>, port: u16) -> Result<Launched, LaunchError> {
+        let begun = std::time::Instant::now();
         let fatal = LaunchError::fatal;
         let quoted = shell_quote(&argv);
         info!(vm = %self.id, port, command = %quoted, "starting QEMU");
@@ -177,7 +178,10 @@ impl Launcher {
         let pid = spawned.pid;
         let pidfd = Arc::new(spawned.pidfd);
         let identity = identify(pid);
-        match (self.wait_ready(pid, port).await, identity) {
+        let spawned_at = begun.elapsed();
+        let ready = self.wait_ready(pid, port).await;
+        debug!(vm = %self.id, spawn = ?spawned_at, ready = ?begun.elapsed(), "launch timing");
+        match (ready, identity) {
             (Ok(qmp), Some(identity)) => Ok(Launched {
                 port,
                 argv,
@@ -220,15 +224,22 @@ impl Launcher {
             Some(status) => Readiness::Exited(status),
             None => Readiness::Failed("lost track of QEMU".into()),
         };
+        // QEMU creates its control socket within milliseconds of starting;
+        // try often at first, then back off for a slow one.
         let connect = async {
-            let mut delay = Duration::from_millis(2);
+            let mut tries: u32 = 0;
             loop {
                 match Qmp::connect(&self.paths.qmp_socket, self.events.clone()).await {
                     Ok(qmp) => return qmp,
                     Err(e) => {
                         debug!(vm = %self.id, error = %e, "control socket not ready");
+                        let delay = match tries {
+                            0..=19 => Duration::from_millis(1),
+                            20..=39 => Duration::from_millis(5),
+                            _ => Duration::from_millis(50),
+                        };
+                        tries = tries.saturating_add(1);
                         tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(50));
                     }
                 }
             }

@@ -42,15 +42,19 @@ pub struct Workspace {
 impl Workspace {
     pub fn create(keep: bool) -> BenchResult<Workspace> {
         let pid = std::process::id();
+        // BENCH_WORKSPACE_ROOT=/dev/shm puts the state directory on tmpfs, to
+        // measure the manager without the filesystem's inode allocator.
+        let root = std::env::var_os("BENCH_WORKSPACE_ROOT").unwrap_or_else(|| "/tmp".into());
+        let root = PathBuf::from(root);
         for n in 0..1000 {
-            let base = PathBuf::from(format!("/tmp/cocos-bench-{pid}-{n}"));
+            let base = root.join(format!("cocos-bench-{pid}-{n}"));
             match std::fs::DirBuilder::new().mode(0o700).create(&base) {
                 Ok(()) => return Ok(Workspace { base, keep }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(format!("cannot create {}: {e}", base.display()).into()),
             }
         }
-        Err("cannot find a free workspace name under /tmp".into())
+        Err(format!("cannot find a free workspace name under {}", root.display()).into())
     }
 
     pub fn path(&self) -> &Path {
@@ -148,6 +152,8 @@ impl DaemonSpec {
         ] {
             env.insert(key.to_string(), value.to_string());
         }
+        // The operator's own MANAGER_* settings win (e.g. a log level for profiling).
+        env.extend(std::env::vars().filter(|(k, _)| k.starts_with("MANAGER_")));
         Ok(DaemonSpec {
             paths: paths.clone(),
             grpc_port,

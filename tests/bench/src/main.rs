@@ -49,6 +49,7 @@ Common options:
   --rpc-timeout S      longest wait for one gRPC request, seconds      [120]
   --json               print only the JSON line
   --keep               keep the workspace (state, logs) under /tmp
+                       (BENCH_WORKSPACE_ROOT=/dev/shm puts it on tmpfs instead)
   -h, --help
 
 scale options:

@@ -42,6 +42,8 @@ pub struct ScaleReport {
     pub idle_cpu_pct: Option<f64>,
     /// utime + stime over the window, in clock ticks.
     pub idle_cpu_ticks: Option<u64>,
+    /// The daemon's CPU time spent while the creates ran.
+    pub create_cpu_ticks: Option<u64>,
     pub clock_ticks_per_sec: u64,
     pub alive_after_kill: Option<usize>,
     pub readopt: Option<Duration>,
@@ -90,6 +92,13 @@ impl ScaleReport {
                 .map(|w| format!("{:.2} s", w.as_secs_f64()))),
             opt(self.creates_per_sec().map(|r| format!("{r:.1}")))
         );
+        if let (Some(ticks), true) = (self.create_cpu_ticks, self.created > 0) {
+            let ms = ticks as f64 * 1000.0 / procfs::clock_ticks_per_sec() as f64;
+            println!(
+                "  daemon CPU while creating: {ms:.0} ms ({:.2} ms per create)",
+                ms / self.created as f64
+            );
+        }
         println!(
             "Daemon RSS: {} KiB with 0 VMs, {} KiB with {} VMs (peak {} KiB) -> {} KiB per VM",
             opt(self.rss0_kib.map(|v| v.to_string())),
@@ -164,6 +173,7 @@ impl ScaleReport {
             "idle_cpu": {
                 "window_s": round3(self.idle_window.as_secs_f64()),
                 "pct_of_one_core": self.idle_cpu_pct.map(round3),
+                "create_phase_cpu_ticks": self.create_cpu_ticks,
                 "cpu_ticks": self.idle_cpu_ticks,
                 "clock_ticks_per_s": self.clock_ticks_per_sec,
             },
@@ -260,6 +270,7 @@ async fn phases(
     eprintln!("creating {n} VMs with {} clients", opts.clients);
     let clients = pool::clients(spec.grpc_port, opts.clients).await?;
     let rpc_timeout = opts.rpc_timeout;
+    let create_ticks0 = procfs::cpu_ticks(manager.pid())?;
     let (outcomes, wall) = pool::run(&clients, n, move |mut client, _| async move {
         let req = CreateReq {
             agent_log_level: "info".to_string(),
@@ -284,6 +295,9 @@ async fn phases(
             Err(e) => errors.push(e),
         }
     }
+    report.create_cpu_ticks = procfs::cpu_ticks(manager.pid())
+        .ok()
+        .map(|t| t.saturating_sub(create_ticks0));
     report.created = ids.len();
     report.create = Summary::of(&latencies);
     report.create_wall = Some(wall);

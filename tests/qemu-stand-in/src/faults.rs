@@ -141,11 +141,15 @@ impl Faults {
     }
 }
 
+/// About 30 years: longer delays are refused rather than overflowing.
+const MAX_SECS: f64 = 1e9;
+
 /// A Go-style duration (`1h2m3.5s`, `500ms`, `10us`), or a plain number of
 /// seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     if let Ok(secs) = text.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && (0.0..MAX_SECS).contains(&secs))
+            .then(|| Duration::from_secs_f64(secs));
     }
     let mut rest = text;
     let mut total = 0f64;
@@ -170,7 +174,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         rest = &rest[u..];
         total += number * scale;
     }
-    (total.is_finite() && total < 1e12).then(|| Duration::from_secs_f64(total))
+    (total.is_finite() && total < MAX_SECS).then(|| Duration::from_secs_f64(total))
 }
 
 /// splitmix64, mapped to [0, 1).
@@ -206,6 +210,8 @@ mod tests {
         assert_eq!(parse_duration("2 s"), None);
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("5x"), None);
+        assert_eq!(parse_duration("1e300"), None);
+        assert_eq!(parse_duration("99999999999h"), None);
     }
 
     #[test]

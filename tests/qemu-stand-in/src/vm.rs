@@ -35,6 +35,7 @@ const CONN: usize = 1 << 16;
 const HTTP_IDLE: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_QMP_INPUT: usize = 1 << 20;
+const MAX_QMP_OUTPUT: usize = 1 << 20;
 const SPAM_TICK: Duration = Duration::from_millis(100);
 /// Console output waiting for a slow reader; beyond it lines are dropped,
 /// as a serial port without flow control would.
@@ -436,7 +437,10 @@ impl Vm {
             self.apply(effect);
         }
         let failed = match self.qmp.as_mut() {
-            Some(q) => flush(&mut q.stream, &mut q.output).is_err(),
+            // A client that sends commands but never reads the replies.
+            Some(q) => {
+                flush(&mut q.stream, &mut q.output).is_err() || q.output.len() > MAX_QMP_OUTPUT
+            }
             None => false,
         };
         if closed || failed {
@@ -557,6 +561,8 @@ impl Vm {
         let closed = read_into(&mut c.stream, &mut sink);
         if closed || flush(&mut c.stream, &mut c.output).is_err() {
             self.drop_console();
+        } else if self.spam_budget > 0.0 {
+            self.spam_fill();
         }
     }
 
@@ -568,23 +574,35 @@ impl Vm {
         self.accept_console();
     }
 
-    /// `STAND_IN_CONSOLE_SPAM` bytes per second, in whole lines per tick.
-    /// Lines the reader does not take (beyond `CONSOLE_BUFFER`) are dropped.
+    /// A tick of `STAND_IN_CONSOLE_SPAM`: a tenth of a second's worth of
+    /// bytes more to write. A reader that falls behind is written to as fast
+    /// as it reads; what it has not taken after a second is dropped.
     fn spam(&mut self, now: Instant) {
-        let Some(c) = self.console.as_mut() else {
+        if self.console.is_none() {
             self.spam_at = None;
             return;
-        };
+        }
         let rate = self.faults.console_spam as f64;
         self.spam_budget = (self.spam_budget + rate * SPAM_TICK.as_secs_f64()).min(rate);
+        let next = self.spam_at.map_or(now, |at| at + SPAM_TICK);
+        // After a stall, do not try to catch up tick by tick.
+        self.spam_at = Some(if next < now { now + SPAM_TICK } else { next });
+        self.spam_fill();
+    }
+
+    /// Writes spam lines while there is budget and the reader takes them.
+    fn spam_fill(&mut self) {
+        let Some(c) = self.console.as_mut() else {
+            return;
+        };
         let mut line = String::with_capacity(128);
         let mut failed = false;
         while self.spam_budget > 0.0 {
             if c.output.len() >= CONSOLE_BUFFER {
                 match flush(&mut c.stream, &mut c.output) {
                     Err(_) => failed = true,
-                    Ok(_) if c.output.len() >= CONSOLE_BUFFER => self.spam_budget = 0.0,
-                    Ok(_) => continue,
+                    Ok(_) if c.output.len() < CONSOLE_BUFFER => continue,
+                    Ok(_) => {}
                 }
                 break;
             }
@@ -604,11 +622,7 @@ impl Vm {
         }
         if failed || flush(&mut c.stream, &mut c.output).is_err() {
             self.drop_console();
-            return;
         }
-        let next = self.spam_at.map_or(now, |at| at + SPAM_TICK);
-        // After a stall, do not try to catch up tick by tick.
-        self.spam_at = Some(if next < now { now + SPAM_TICK } else { next });
     }
 
     // ----- the guest agent (HTTP) -----
