@@ -153,30 +153,7 @@ async fn concurrent_clients_with_crashing_vms_lose_nothing() {
         assert_eq!(err.code(), Code::NotFound);
     }
 
-    assert!(
-        manager.vm_folders().is_empty(),
-        "{:?}",
-        manager.vm_folders()
-    );
-    let state = manager.state_dir.path().to_string_lossy().into_owned();
-    assert!(
-        eventually(Duration::from_secs(10), || pids_matching(&state).is_empty()).await,
-        "stand-ins left: {:?}",
-        pids_matching(&state)
-    );
-    assert!(zombie_children(manager.pid()).is_empty());
-    for port in range.0..=range.1 {
-        assert!(port_is_free(port), "port {port} still bound");
-    }
-    let http = manager.http_port;
-    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
-        .await
-        .expect("join")
-        .expect("metrics");
-    assert!(
-        metrics.contains("cocos_manager_ports_in_use 0"),
-        "{metrics}"
-    );
+    assert_nothing_left(&manager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

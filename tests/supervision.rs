@@ -337,68 +337,38 @@ async fn sighup_reloads_a_valid_file_and_keeps_the_old_on_error() {
     env.insert("MANAGER_STOP_POWERDOWN_TIMEOUT".into(), "0s".into());
     let mut manager = Manager::start_with_config(env, range, file.clone());
     let mut client = manager.client().await;
-    let before = client
-        .create_vm(CreateReq::default())
-        .await
-        .expect("CreateVm")
-        .into_inner();
-
-    std::fs::write(&file, dev.replace("smp_count = 1", "smp_count = 2")).expect("write");
     let hup = |m: &Manager| {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid()), Signal::SIGHUP).expect("hup")
     };
+    let (before, _) = create(&mut client).await;
+
+    std::fs::write(&file, dev.replace("smp_count = 1", "smp_count = 2")).expect("write");
     hup(&manager);
-    assert!(
-        eventually(Duration::from_secs(10), || manager
-            .log()
-            .contains("MANAGER_QEMU_SMP_COUNT"))
-        .await
+    let logged = || manager.log().contains("MANAGER_QEMU_SMP_COUNT");
+    assert!(eventually(Duration::from_secs(10), logged).await);
+    let (after, _) = create(&mut client).await;
+    assert_eq!(
+        info(&mut client, &after).await.cpu_num,
+        2,
+        "new VMs use the new file"
     );
-    let after = client
-        .create_vm(CreateReq::default())
-        .await
-        .expect("CreateVm")
-        .into_inner();
-    let cpus = |info: cocos_core::proto::CvmInfoRes| info.cpu_num;
-    let info = client
-        .cvm_info(CvmInfoReq {
-            id: after.cvm_id.clone(),
-        })
-        .await
-        .expect("info")
-        .into_inner();
-    assert_eq!(cpus(info), 2, "new VMs use the new file");
-    let info = client
-        .cvm_info(CvmInfoReq {
-            id: before.cvm_id.clone(),
-        })
-        .await
-        .expect("info")
-        .into_inner();
-    assert_eq!(cpus(info), 1, "running VMs keep theirs");
+    assert_eq!(
+        info(&mut client, &before).await.cpu_num,
+        1,
+        "running VMs keep theirs"
+    );
 
     std::fs::write(&file, dev.replace("smp_count = 1", "smp_count = \"many\"")).expect("write");
     hup(&manager);
-    assert!(
-        eventually(Duration::from_secs(10), || manager
-            .log()
-            .contains("reload refused"))
-        .await
+    let refused = || manager.log().contains("reload refused");
+    assert!(eventually(Duration::from_secs(10), refused).await);
+    let (third, _) = create(&mut client).await;
+    assert_eq!(
+        info(&mut client, &third).await.cpu_num,
+        2,
+        "the previous configuration stays in force"
     );
-    let third = client
-        .create_vm(CreateReq::default())
-        .await
-        .expect("still serving")
-        .into_inner();
-    let info = client
-        .cvm_info(CvmInfoReq {
-            id: third.cvm_id.clone(),
-        })
-        .await
-        .expect("info")
-        .into_inner();
-    assert_eq!(cpus(info), 2, "the previous configuration stays in force");
-    for id in [before.cvm_id, after.cvm_id, third.cvm_id] {
+    for id in [before, after, third] {
         client
             .remove_vm(RemoveReq { cvm_id: id })
             .await
@@ -449,31 +419,5 @@ async fn many_cycles_leave_nothing_behind() {
         .await
         .expect("RemoveVm");
 
-    assert!(
-        zombie_children(manager.pid()).is_empty(),
-        "zombies: {:?}",
-        zombie_children(manager.pid())
-    );
-    assert!(
-        manager.vm_folders().is_empty(),
-        "{:?}",
-        manager.vm_folders()
-    );
-    assert!(qemu_pids_under(manager.state_dir.path()).is_empty());
-    for port in manager.range.0..=manager.range.1 {
-        assert!(port_is_free(port), "port {port} still bound");
-    }
-    let port = manager.http_port;
-    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
-        .await
-        .expect("join")
-        .expect("metrics");
-    assert!(
-        metrics.contains("cocos_manager_ports_in_use 0"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("cocos_manager_vms{state=\"running\"} 0"),
-        "{metrics}"
-    );
+    assert_nothing_left(&manager).await;
 }

@@ -273,7 +273,9 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
+                notify::notify("RELOADING=1");
                 current = reload(&source, current, &filter, &supervisor, &ports);
+                notify::notify("READY=1");
             }
             result = &mut grpc_task => {
                 error!(?result, "gRPC server ended");
@@ -314,19 +316,6 @@ fn reload(
     ports: &Addr<PortAllocator>,
 ) -> Arc<Config> {
     info!("SIGHUP: reloading configuration");
-    notify::notify("RELOADING=1");
-    let new = reload_config(source, current, filter, supervisor, ports);
-    notify::notify("READY=1");
-    new
-}
-
-fn reload_config(
-    source: &ConfigSource,
-    current: Arc<Config>,
-    filter: &FilterHandle,
-    supervisor: &Addr<Supervisor>,
-    ports: &Addr<PortAllocator>,
-) -> Arc<Config> {
     let loaded = match source.load() {
         Ok(loaded) => loaded,
         Err(e) => {

@@ -394,3 +394,60 @@ pub fn kill9(pid: i32) {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+/// Creates a VM with an empty request; returns its id and port.
+pub async fn create(client: &mut Client) -> (String, u16) {
+    let created = client
+        .create_vm(cocos_core::proto::CreateReq::default())
+        .await
+        .unwrap_or_else(|e| panic!("CreateVm: {e}"))
+        .into_inner();
+    let port = created.forwarded_port.parse().expect("decimal port");
+    (created.cvm_id, port)
+}
+
+/// CVMInfo of a VM that must exist.
+pub async fn info(client: &mut Client, id: &str) -> cocos_core::proto::CvmInfoRes {
+    client
+        .cvm_info(cocos_core::proto::CvmInfoReq { id: id.to_string() })
+        .await
+        .unwrap_or_else(|e| panic!("CVMInfo {id}: {e}"))
+        .into_inner()
+}
+
+/// Nothing of any VM is left: no folder, no QEMU, no bound port, no
+/// reservation, no zombie.
+pub async fn assert_nothing_left(manager: &Manager) {
+    assert!(
+        manager.vm_folders().is_empty(),
+        "folders left: {:?}",
+        manager.vm_folders()
+    );
+    let state = manager.state_dir.path().to_string_lossy().into_owned();
+    assert!(
+        eventually(Duration::from_secs(10), || pids_matching(&state).is_empty()).await,
+        "VM processes left: {:?}",
+        pids_matching(&state)
+    );
+    assert!(
+        zombie_children(manager.pid()).is_empty(),
+        "zombies: {:?}",
+        zombie_children(manager.pid())
+    );
+    for port in manager.range.0..=manager.range.1 {
+        assert!(port_is_free(port), "port {port} still bound");
+    }
+    let http = manager.http_port;
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+        .await
+        .expect("join")
+        .expect("metrics");
+    assert!(
+        metrics.contains("cocos_manager_ports_in_use 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cocos_manager_vms{state=\"running\"} 0"),
+        "{metrics}"
+    );
+}
