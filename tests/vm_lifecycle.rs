@@ -424,3 +424,86 @@ async fn a_taken_forwarded_port_is_skipped() {
         .expect("RemoveVm");
     assert!(manager.vm_folders().is_empty());
 }
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_mode_gives_each_vm_its_own_grown_copy() {
+    let images = tempfile::tempdir().expect("dir");
+    let source = images.path().join("enc_os.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &source.to_string_lossy(),
+        "64M",
+    ]);
+    let source_text = source.to_string_lossy().into_owned();
+    let manager = Manager::start(&[
+        ("MANAGER_QEMU_ENABLE_DISK", "true"),
+        ("MANAGER_QEMU_SRC_DISK_FILE", &source_text),
+    ]);
+    let mut client = manager.client().await;
+    let (id, _) = create(&mut client).await;
+    let disk = manager.vms_dir().join(&id).join("disk.qcow2");
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        &disk.to_string_lossy(),
+    ]))
+    .expect("json");
+    assert_eq!(
+        info["virtual-size"],
+        serde_json::json!((64u64 << 20) + (1u64 << 30))
+    );
+    assert_eq!(info["format"], "qcow2");
+    let pid = pids_matching(&id)[0];
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains(&format!(
+        "-drive file={},if=none,id=disk0,format=qcow2",
+        disk.display()
+    )));
+    assert!(!cmdline.contains("-kernel"));
+    client
+        .remove_vm(RemoveReq { cvm_id: id })
+        .await
+        .expect("RemoveVm");
+    assert!(!disk.exists(), "the VM's disk goes with it");
+    assert!(source.exists(), "the source image stays");
+
+    // A missing source image fails the create with qemu-img's own words.
+    drop(client);
+    let mut manager = manager;
+    manager.stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(30));
+    manager.env.insert(
+        "MANAGER_QEMU_SRC_DISK_FILE".into(),
+        "/nonexistent/enc_os.qcow2".into(),
+    );
+    manager.spawn();
+    let mut client = manager.client().await;
+    let err = client
+        .create_vm(request())
+        .await
+        .expect_err("no source image");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(
+        err.message().contains("/nonexistent/enc_os.qcow2"),
+        "{}",
+        err.message()
+    );
+    assert!(manager.vm_folders().is_empty());
+}

@@ -73,6 +73,7 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v gzip >/dev/null || missing+=(gzip)
 command -v xz >/dev/null || missing+=(xz-utils)
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
 have_pkg ovmf || [[ -f /usr/share/OVMF/OVMF_CODE.fd ]] || missing+=(ovmf)
 if ((${#missing[@]})); then
 	log "installing host tools: ${missing[*]}"

@@ -90,6 +90,9 @@ impl Launcher {
     pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<Launched, ApiError> {
         files::prepare(&self.config, &self.paths, &self.id, &create)
             .map_err(|e| ApiError::Internal(format!("cannot prepare the VM's files: {e}")))?;
+        if self.config.qemu_enable_disk {
+            self.prepare_disk().await?;
+        }
         let mut port = self.reserve_port().await?;
         let mut tries = 1;
         loop {
@@ -115,6 +118,66 @@ impl Launcher {
             self.services.ports.do_send(Release(port));
             port = next.map_err(|_| error)?;
             tries += 1;
+        }
+    }
+
+    /// The VM's own writable disk: a copy of the source image, grown by
+    /// 1 GiB. It lives in the VM folder and goes with it.
+    async fn prepare_disk(&mut self) -> Result<(), ApiError> {
+        let format = self.config.qemu_disk_format.to_string();
+        let source = self
+            .config
+            .qemu_src_disk_file
+            .to_string_lossy()
+            .into_owned();
+        let disk = self.paths.disk.to_string_lossy().into_owned();
+        let convert = ["qemu-img", "convert", "-O", &format, &source, &disk];
+        self.run_tool(&convert).await?;
+        self.run_tool(&["qemu-img", "resize", "-f", &format, &disk, "+1G"])
+            .await
+    }
+
+    /// Runs a helper program through the reaper and waits for it; its
+    /// output goes to the VM's QEMU log.
+    async fn run_tool(&mut self, argv: &[&str]) -> Result<(), ApiError> {
+        let output = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.paths.qemu_log)
+            .map_err(|e| {
+                ApiError::Internal(format!(
+                    "cannot open {}: {e}",
+                    self.paths.qemu_log.display()
+                ))
+            })?;
+        let spawned = self
+            .services
+            .reaper
+            .send(Spawn {
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                output,
+                notify: self.notify.clone(),
+            })
+            .await?
+            .map_err(|e| ApiError::StartFailed(format!("cannot run {}: {e}", argv.join(" "))))?;
+        let limit = Duration::from_secs(600);
+        match wait_exit(&mut self.exit, spawned.pid, Some(limit)).await {
+            Some(ExitStatus::Exited(0)) => Ok(()),
+            Some(status) => {
+                let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
+                Err(ApiError::StartFailed(format!(
+                    "{} failed ({status}): {line}",
+                    argv.join(" ")
+                )))
+            }
+            None => {
+                let _ = pidfd_signal(&spawned.pidfd, Signal::SIGKILL);
+                let _ = wait_exit(&mut self.exit, spawned.pid, None).await;
+                Err(ApiError::StartFailed(format!(
+                    "{} took longer than {limit:?}",
+                    argv.join(" ")
+                )))
+            }
         }
     }
 
