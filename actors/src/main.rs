@@ -326,7 +326,27 @@ fn reload(
     for warning in &loaded.warnings {
         warn!("{warning}");
     }
-    let new = Arc::new(loaded.config);
+    let mut new = loaded.config;
+    // Listening sockets and the state directory are bound at start; a new
+    // value would split the VMs between two directories.
+    for (name, old, value) in new.changes_from(&current) {
+        if matches!(
+            name,
+            "MANAGER_GRPC_HOST"
+                | "MANAGER_GRPC_PORT"
+                | "MANAGER_HTTP_HOST"
+                | "MANAGER_HTTP_PORT"
+                | "MANAGER_STATE_DIR"
+        ) {
+            warn!(setting = name, old = %old, new = %value, "this setting takes effect only after a restart");
+        }
+    }
+    new.grpc_host.clone_from(&current.grpc_host);
+    new.grpc_port = current.grpc_port;
+    new.http_host.clone_from(&current.http_host);
+    new.http_port = current.http_port;
+    new.state_dir.clone_from(&current.state_dir);
+    let new = Arc::new(new);
     let changes = new.changes_from(&current);
     if changes.is_empty() {
         info!("reload: nothing changed");
@@ -334,21 +354,6 @@ fn reload(
     }
     for (name, old, value) in &changes {
         info!(setting = name, old = %old, new = %value, "reload: setting changed");
-    }
-    let restart_only = [
-        "MANAGER_GRPC_HOST",
-        "MANAGER_GRPC_PORT",
-        "MANAGER_HTTP_HOST",
-        "MANAGER_HTTP_PORT",
-        "MANAGER_STATE_DIR",
-    ];
-    for (name, _, _) in &changes {
-        if restart_only.contains(name) {
-            warn!(
-                setting = name,
-                "this setting takes effect only after a restart"
-            );
-        }
     }
     if let Err(e) = filter.modify(|f| *f = EnvFilter::new(new.log_level.as_str())) {
         error!(error = %e, "cannot change the log level");
