@@ -22,15 +22,7 @@ fn fast_restarts() -> Vec<(&'static str, &'static str)> {
 async fn a_crashed_vm_comes_back_with_the_same_id_port_and_files() {
     let manager = Manager::start(&fast_restarts());
     let mut client = manager.client().await;
-    let created = client
-        .create_vm(CreateReq::default())
-        .await
-        .expect("CreateVm")
-        .into_inner();
-    let (id, port) = (
-        created.cvm_id.clone(),
-        created.forwarded_port.parse::<u16>().expect("port"),
-    );
+    let (id, port) = create(&mut client).await;
     agent_ok(port).await;
     let vars = manager.vms_dir().join(&id).join("OVMF_VARS.fd");
     let vars_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&vars).expect("vars"));
@@ -67,15 +59,7 @@ async fn a_vm_that_always_dies_is_marked_failed_and_released() {
     env.push(("MANAGER_RESTART_MAX_RESTARTS", "2"));
     let manager = Manager::start(&env);
     let mut client = manager.client().await;
-    let created = client
-        .create_vm(CreateReq::default())
-        .await
-        .expect("CreateVm")
-        .into_inner();
-    let (id, port) = (
-        created.cvm_id.clone(),
-        created.forwarded_port.parse::<u16>().expect("port"),
-    );
+    let (id, port) = create(&mut client).await;
     let dir = manager.vms_dir().join(&id);
     // Kill every QEMU of this VM as soon as it appears: 1 start + 2 restarts.
     let mut killed = Vec::new();
@@ -117,15 +101,7 @@ async fn a_vm_that_always_dies_is_marked_failed_and_released() {
 async fn a_guest_that_powers_off_is_not_restarted_under_transient() {
     let manager = Manager::start(&fast_restarts());
     let mut client = manager.client().await;
-    let created = client
-        .create_vm(CreateReq::default())
-        .await
-        .expect("CreateVm")
-        .into_inner();
-    let (id, port) = (
-        created.cvm_id.clone(),
-        created.forwarded_port.parse::<u16>().expect("port"),
-    );
+    let (id, port) = create(&mut client).await;
     agent_ok(port).await;
     let pid = qemu_pid(&id).await;
     let (status, _) = tokio::task::spawn_blocking(move || http_get(port, "/poweroff"))
