@@ -170,3 +170,30 @@ fn print_qemu_cmd_shows_the_configured_command() {
         "unknown variable must be warned about: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_manager_on_the_same_state_dir_is_refused() {
+    let manager = Manager::start(&[]);
+    let out = Command::new(manager_binary())
+        .current_dir(repo_root())
+        .env_clear()
+        .args(["--config", "config/dev.toml"])
+        .env("MANAGER_STATE_DIR", manager.state_dir.path().join("state"))
+        .env("MANAGER_GRPC_PORT", free_port().to_string())
+        .env("MANAGER_HTTP_PORT", free_port().to_string())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another cocos-manager is using MANAGER_STATE_DIR"),
+        "{stderr}"
+    );
+    // The first one is unaffected.
+    let mut client = manager.client().await;
+    let (id, _) = create(&mut client).await;
+    client
+        .remove_vm(cocos_core::proto::RemoveReq { cvm_id: id })
+        .await
+        .expect("RemoveVm");
+}

@@ -215,6 +215,14 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         error!(state_dir = %config.state_dir.display(), error = %e, "cannot create MANAGER_STATE_DIR");
         return ExitCode::FAILURE;
     }
+    // Two managers on one state directory would both claim its VMs.
+    let _state_lock = match lock_state_dir(&config) {
+        Ok(lock) => lock,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let bind = host::forward_bind(&config);
     let reaper = ZombieReaper::default().start();
     let ports = PortAllocator::new(config.port_range(), bind).start();
@@ -305,6 +313,26 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     info!("cocos-manager stopped");
     System::current().stop();
     ExitCode::SUCCESS
+}
+
+/// An exclusive lock on `<state_dir>/manager.lock`, held for the life of the
+/// process; the kernel drops it however the process ends.
+fn lock_state_dir(config: &Config) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    let path = config.state_dir.join("manager.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            format!(
+                "another cocos-manager is using MANAGER_STATE_DIR {} ({errno})",
+                config.state_dir.display()
+            )
+        },
+    )
 }
 
 /// SIGHUP: the new configuration replaces the old only if all of it is valid.
