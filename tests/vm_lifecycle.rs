@@ -381,6 +381,11 @@ async fn qemu_that_cannot_start_leaves_nothing() {
     for port in manager.range.0..=manager.range.1 {
         assert!(port_is_free(port));
     }
+    let warned = "MANAGER_QEMU_DISK_IMG_KERNEL_FILE /nonexistent/bzImage does not exist";
+    assert!(
+        manager.log().contains(warned),
+        "the operator is warned at start"
+    );
 
     // A QEMU binary that does not exist at all.
     let mut manager = manager;

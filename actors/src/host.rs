@@ -1,6 +1,7 @@
 //! Facts about the host the configuration depends on.
 
 use std::net::IpAddr;
+use std::path::Path;
 
 use cocos_core::config::{Config, HostCaps};
 
@@ -29,4 +30,62 @@ pub fn detect() -> HostCaps {
 /// The address forwarded ports bind to, or None for all addresses.
 pub fn forward_bind(config: &Config) -> Option<IpAddr> {
     config.qemu_host_fwd_bind.as_str().parse().ok()
+}
+
+/// What would make every VM fail to start, checked once at start so the
+/// operator hears of it before the first create does. Warnings only: files
+/// may still appear later.
+pub fn preflight(config: &Config) -> Vec<String> {
+    use cocos_core::config::TeeMode;
+    let mut problems = Vec::new();
+    let mut need = |what: &str, path: &Path| {
+        if !path.as_os_str().is_empty() && !path.exists() {
+            problems.push(format!(
+                "{what} {} does not exist; VMs will not start",
+                path.display()
+            ));
+        }
+    };
+    if !config.qemu_enable_disk {
+        need(
+            "MANAGER_QEMU_DISK_IMG_KERNEL_FILE",
+            &config.qemu_disk_img_kernel_file,
+        );
+        need(
+            "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE",
+            &config.qemu_disk_img_rootfs_file,
+        );
+    } else {
+        need("MANAGER_QEMU_SRC_DISK_FILE", &config.qemu_src_disk_file);
+    }
+    match config.tee_mode() {
+        TeeMode::None => {
+            need("MANAGER_QEMU_OVMF_CODE_FILE", &config.qemu_ovmf_code_file);
+            need("MANAGER_QEMU_OVMF_VARS_FILE", &config.qemu_ovmf_vars_file);
+        }
+        TeeMode::SevSnpIgvm => need("MANAGER_QEMU_IGVM_FILE", &config.qemu_igvm_file),
+        TeeMode::SevSnpOvmf => need("MANAGER_QEMU_OVMF_CODE_FILE", &config.qemu_ovmf_code_file),
+        TeeMode::Tdx => need("MANAGER_QEMU_OVMF_FILE", &config.qemu_ovmf_file),
+    }
+    if config.qemu_enable_kvm {
+        need(
+            "/dev/kvm (MANAGER_QEMU_ENABLE_KVM is true)",
+            Path::new("/dev/kvm"),
+        );
+    }
+    let bin = &config.qemu_bin_path;
+    let found = if bin.components().count() > 1 {
+        bin.exists()
+    } else {
+        std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|dir| dir.join(bin).is_file()))
+            .unwrap_or(false)
+    };
+    if !found {
+        problems.push(format!(
+            "MANAGER_QEMU_BIN_PATH {} is not found; VMs will not start",
+            bin.display()
+        ));
+    }
+    problems
 }

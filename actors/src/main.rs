@@ -223,6 +223,9 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             return ExitCode::FAILURE;
         }
     };
+    for problem in host::preflight(&config) {
+        warn!("{problem}");
+    }
     let bind = host::forward_bind(&config);
     let reaper = ZombieReaper::default().start();
     let ports = PortAllocator::new(config.port_range(), bind).start();
