@@ -110,7 +110,7 @@ impl Supervisor {
     }
 
     fn live_count(&self) -> usize {
-        self.vms.len() - self.failed
+        self.vms.len().saturating_sub(self.failed)
     }
 }
 
@@ -192,7 +192,7 @@ impl Handler<RemoveVm> for Supervisor {
         if entry.failed {
             // It holds nothing any more; removing it only forgets it.
             self.vms.remove(&id);
-            self.failed -= 1;
+            self.failed = self.failed.saturating_sub(1);
             info!(vm = %id, "failed VM removed from the list");
             return Box::pin(async { Ok(()) });
         }
