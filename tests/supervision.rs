@@ -397,3 +397,72 @@ async fn many_cycles_leave_nothing_behind() {
 
     assert_nothing_left(&manager).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_the_port_range_and_log_level() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("manager.toml");
+    let dev = std::fs::read_to_string(repo_root().join("config/dev.toml")).expect("dev.toml");
+    let old_range = free_port_range(2);
+    let new_range = free_port_range(2);
+    let with = |range: (u16, u16), level: &str| {
+        dev.replace(
+            "host_fwd_range = \"6100-6200\"",
+            &format!("host_fwd_range = \"{}-{}\"", range.0, range.1),
+        )
+        .replace("log_level = \"info\"", &format!("log_level = \"{level}\""))
+    };
+    std::fs::write(&file, with(old_range, "info")).expect("write");
+    let mut env = Manager::dev_env(old_range);
+    // The range and level come from the file in this test.
+    env.remove("MANAGER_QEMU_HOST_FWD_RANGE");
+    env.remove("MANAGER_LOG_LEVEL");
+    env.insert("MANAGER_STOP_POWERDOWN_TIMEOUT".into(), "0s".into());
+    let manager = Manager::start_with_config(env, old_range, file.clone());
+    let mut client = manager.client().await;
+    let hup = |m: &Manager| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid()), Signal::SIGHUP).expect("hup")
+    };
+    let (first, first_port) = create(&mut client).await;
+    assert_eq!(first_port, old_range.0);
+    assert!(!manager.log().contains("DEBUG"));
+
+    std::fs::write(&file, with(new_range, "debug")).expect("write");
+    hup(&manager);
+    assert!(
+        eventually(Duration::from_secs(10), || manager
+            .log()
+            .contains("port range changed"))
+        .await
+    );
+    let (second, second_port) = create(&mut client).await;
+    assert!(
+        (new_range.0..=new_range.1).contains(&second_port),
+        "{second_port} not in {new_range:?}"
+    );
+    assert!(
+        manager.log().contains("DEBUG"),
+        "the log level follows the file"
+    );
+
+    // Shrink the new range to the one port in use: nothing is free, and the
+    // first VM's port, outside the range, is not handed out either.
+    let single = (second_port, second_port);
+    std::fs::write(&file, with(single, "debug")).expect("write");
+    hup(&manager);
+    let shrunk = format!("new={}-{}", single.0, single.1);
+    assert!(eventually(Duration::from_secs(10), || manager.log().contains(&shrunk)).await);
+    let err = client
+        .create_vm(CreateReq::default())
+        .await
+        .expect_err("range full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    info(&mut client, &first).await;
+    for id in [first, second] {
+        client
+            .remove_vm(RemoveReq { cvm_id: id })
+            .await
+            .expect("RemoveVm");
+    }
+    assert!(port_is_free(first_port) && port_is_free(second_port));
+}
