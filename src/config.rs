@@ -533,6 +533,15 @@ impl Config {
         }
     }
 
+    /// The address forwarded ports bind to: the configured one, or every
+    /// address when it is empty (as QEMU's `hostfwd=tcp::PORT-…`).
+    pub fn forward_bind_addr(&self) -> std::net::IpAddr {
+        self.qemu_host_fwd_bind
+            .as_str()
+            .parse()
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
     /// The supervision policy for VMs created with this configuration.
     pub fn restart(&self) -> RestartPolicy {
         RestartPolicy {

@@ -1,6 +1,5 @@
 //! Facts about the host the configuration depends on.
 
-use std::net::IpAddr;
 use std::path::Path;
 
 use cocos_core::config::{Config, HostCaps};
@@ -25,11 +24,6 @@ pub fn detect() -> HostCaps {
         sev_snp: has_flag("sev_snp") && reads_yes("/sys/module/kvm_amd/parameters/sev_snp"),
         tdx: has_flag("tdx_host_platform") && reads_yes("/sys/module/kvm_intel/parameters/tdx"),
     }
-}
-
-/// The address forwarded ports bind to, or None for all addresses.
-pub fn forward_bind(config: &Config) -> Option<IpAddr> {
-    config.qemu_host_fwd_bind.as_str().parse().ok()
 }
 
 /// What would make every VM fail to start, checked once at start so the

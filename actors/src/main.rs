@@ -226,7 +226,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     for problem in host::preflight(&config) {
         warn!("{problem}");
     }
-    let bind = host::forward_bind(&config);
+    let bind = config.forward_bind_addr();
     let reaper = ZombieReaper::default().start();
     let ports = PortAllocator::new(config.port_range(), bind).start();
     let supervisor = Supervisor::new(config.clone(), ports.clone(), reaper.clone()).start();
@@ -391,7 +391,7 @@ fn reload(
     }
     ports.do_send(SetRange {
         range: new.port_range(),
-        bind: host::forward_bind(&new),
+        bind: new.forward_bind_addr(),
     });
     supervisor.do_send(UpdateConfig(new.clone()));
     new

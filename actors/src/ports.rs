@@ -4,7 +4,7 @@
 //! are skipped by trying to bind them first.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, TcpListener};
 
 use actix::prelude::*;
 use cocos_core::ports::{PortPool, PortRange};
@@ -27,7 +27,7 @@ pub struct Release(pub u16);
 #[rtype(result = "()")]
 pub struct SetRange {
     pub range: PortRange,
-    pub bind: Option<IpAddr>,
+    pub bind: IpAddr,
 }
 
 #[derive(Message)]
@@ -46,11 +46,11 @@ pub struct PortAllocator {
 }
 
 impl PortAllocator {
-    /// `bind` is the address VMs' forwarded ports bind to (None = all).
-    pub fn new(range: PortRange, bind: Option<IpAddr>) -> PortAllocator {
+    /// `bind` is the address VMs' forwarded ports bind to.
+    pub fn new(range: PortRange, bind: IpAddr) -> PortAllocator {
         PortAllocator {
             pool: PortPool::new(range),
-            bind: bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            bind,
         }
     }
 }
@@ -101,7 +101,7 @@ impl Handler<SetRange> for PortAllocator {
             info!(old = %self.pool.range(), new = %msg.range, in_use = self.pool.in_use().len(), "port range changed");
         }
         self.pool.set_range(msg.range);
-        self.bind = msg.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        self.bind = msg.bind;
     }
 }
 

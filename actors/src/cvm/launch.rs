@@ -5,7 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -137,10 +137,9 @@ impl Launcher {
             .await
     }
 
-    /// Runs a helper program through the reaper and waits for it; its
-    /// output goes to the VM's QEMU log.
-    async fn run_tool(&mut self, argv: &[&str]) -> Result<(), ApiError> {
-        let output = OpenOptions::new()
+    /// QEMU's and the helper tools' output, appended to the VM's QEMU log.
+    fn open_qemu_log(&self) -> Result<std::fs::File, ApiError> {
+        OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.paths.qemu_log)
@@ -149,7 +148,13 @@ impl Launcher {
                     "cannot open {}: {e}",
                     self.paths.qemu_log.display()
                 ))
-            })?;
+            })
+    }
+
+    /// Runs a helper program through the reaper and waits for it; its
+    /// output goes to the VM's QEMU log.
+    async fn run_tool(&mut self, argv: &[&str]) -> Result<(), ApiError> {
+        let output = self.open_qemu_log()?;
         let spawned = self
             .services
             .reaper
@@ -205,16 +210,7 @@ impl Launcher {
             old.push(".1");
             let _ = std::fs::rename(&self.paths.qemu_log, old);
         }
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.paths.qemu_log)
-            .map_err(|e| {
-                fatal(ApiError::Internal(format!(
-                    "cannot open {}: {e}",
-                    self.paths.qemu_log.display()
-                )))
-            })?;
+        let mut log = self.open_qemu_log().map_err(fatal)?;
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -330,13 +326,7 @@ impl Launcher {
             }
             Err(e) => return Err(Readiness::Failed(format!("QEMU control socket: {e}"))),
         }
-        let bind = self
-            .config
-            .qemu_host_fwd_bind
-            .as_str()
-            .parse()
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        if TcpListener::bind((bind, port)).is_ok() {
+        if TcpListener::bind((self.config.forward_bind_addr(), port)).is_ok() {
             return Err(Readiness::Failed(format!(
                 "QEMU is running but did not bind the forwarded port {port}"
             )));

@@ -470,23 +470,21 @@ impl Handler<Adopt> for CvmActor {
     fn handle(&mut self, msg: Adopt, ctx: &mut Self::Context) -> Self::Result {
         let record = msg.0;
         let pid = record.pid;
-        let same = |identity: &Option<Identity>| {
-            identity.as_ref().is_some_and(|i| {
-                i.start_time == record.start_time
-                    && i.exe == record.exe
-                    && i.cmdline
-                        .iter()
-                        .any(|a| a == &format!("cocos-{}", record.id))
-            })
+        let same = |identity: &Identity| {
+            identity.start_time == record.start_time
+                && identity.exe == record.exe
+                && identity
+                    .cmdline
+                    .iter()
+                    .any(|a| a == &format!("cocos-{}", record.id))
         };
         // Check, open a pidfd, check again: the pidfd then names the very
         // process we checked, whatever happens to the pid later.
-        let pidfd = if same(&identify(pid)) {
-            pidfd_open(pid).ok().filter(|_| same(&identify(pid)))
-        } else {
-            None
-        };
-        let Some(pidfd) = pidfd else {
+        let adopted = identify(pid)
+            .filter(same)
+            .and_then(|_| pidfd_open(pid).ok())
+            .and_then(|pidfd| identify(pid).filter(same).map(|identity| (pidfd, identity)));
+        let Some((pidfd, identity)) = adopted else {
             info!(vm = %self.id, pid, "the VM's QEMU is gone (or its pid belongs to another process now); cleaning up");
             self.release_everything(ctx, VmState::Stopped, false);
             return Box::pin(fut::ready(Err(ApiError::NotFound(format!(
@@ -495,11 +493,6 @@ impl Handler<Adopt> for CvmActor {
             )))));
         };
         let pidfd = Arc::new(pidfd);
-        let identity = identify(pid).unwrap_or(Identity {
-            start_time: record.start_time,
-            exe: record.exe.clone(),
-            cmdline: Vec::new(),
-        });
         self.watch_adopted(ctx, pid, pidfd.clone());
         let ports = self.services.ports.clone();
         let port = record.port;
