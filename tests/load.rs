@@ -18,6 +18,19 @@ const CLIENTS: usize = 16;
 const ROUNDS: usize = 20;
 const KEEP: usize = 6;
 
+/// A manager whose VMs run the stand-in, with `extra` settings on top.
+fn start_on_stand_in(range: (u16, u16), extra: &[(&str, &str)]) -> Manager {
+    let mut env = Manager::dev_env(range);
+    env.insert(
+        "MANAGER_QEMU_BIN_PATH".into(),
+        stand_in().to_string_lossy().into_owned(),
+    );
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Manager::start_with(env, range)
+}
+
 fn stand_in() -> std::path::PathBuf {
     let path = manager_binary().with_file_name("qemu-stand-in");
     assert!(
@@ -41,24 +54,19 @@ struct Ledger {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_with_crashing_vms_lose_nothing() {
     let range = free_port_range(400);
-    let mut env = Manager::dev_env(range);
-    for (k, v) in [
-        (
-            "MANAGER_QEMU_BIN_PATH",
-            stand_in().to_string_lossy().as_ref(),
-        ),
-        ("MANAGER_MAX_VMS", "0"),
-        ("MANAGER_LOG_LEVEL", "info"),
-        ("MANAGER_STOP_POWERDOWN_TIMEOUT", "2s"),
-        ("MANAGER_RESTART_BACKOFF_INITIAL", "50ms"),
-        ("MANAGER_RESTART_BACKOFF_MAX", "200ms"),
-        ("MANAGER_RESTART_MAX_RESTARTS", "50"),
-        ("STAND_IN_CRASH_AFTER", "300ms"),
-        ("STAND_IN_CRASH_PROBABILITY", "0.15"),
-    ] {
-        env.insert(k.into(), v.into());
-    }
-    let manager = Manager::start_with(env, range);
+    let manager = start_on_stand_in(
+        range,
+        &[
+            ("MANAGER_MAX_VMS", "0"),
+            ("MANAGER_LOG_LEVEL", "info"),
+            ("MANAGER_STOP_POWERDOWN_TIMEOUT", "2s"),
+            ("MANAGER_RESTART_BACKOFF_INITIAL", "50ms"),
+            ("MANAGER_RESTART_BACKOFF_MAX", "200ms"),
+            ("MANAGER_RESTART_MAX_RESTARTS", "50"),
+            ("STAND_IN_CRASH_AFTER", "300ms"),
+            ("STAND_IN_CRASH_PROBABILITY", "0.15"),
+        ],
+    );
     let client = manager.client().await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
 
@@ -159,19 +167,14 @@ async fn concurrent_clients_with_crashing_vms_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_console_cannot_fill_the_disk() {
     let range = free_port_range(2);
-    let mut env = Manager::dev_env(range);
-    for (k, v) in [
-        (
-            "MANAGER_QEMU_BIN_PATH",
-            stand_in().to_string_lossy().as_ref(),
-        ),
-        ("MANAGER_VM_LOG_MAX_SIZE", "64K"),
-        ("MANAGER_VM_LOG_FILES", "2"),
-        ("STAND_IN_CONSOLE_SPAM", "2000000"),
-    ] {
-        env.insert(k.into(), v.into());
-    }
-    let manager = Manager::start_with(env, range);
+    let manager = start_on_stand_in(
+        range,
+        &[
+            ("MANAGER_VM_LOG_MAX_SIZE", "64K"),
+            ("MANAGER_VM_LOG_FILES", "2"),
+            ("STAND_IN_CONSOLE_SPAM", "2000000"),
+        ],
+    );
     let mut client = manager.client().await;
     let vm = client
         .create_vm(CreateReq::default())

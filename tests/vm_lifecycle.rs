@@ -186,6 +186,20 @@ async fn concurrent_creates_get_distinct_reachable_ports() {
     }
 }
 
+/// CreateVm fails with FAILED_PRECONDITION and the reason names `needle`.
+async fn assert_start_fails(client: &mut Client, needle: &str) {
+    let err = client
+        .create_vm(request())
+        .await
+        .expect_err("the start must fail");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(
+        err.message().contains(needle),
+        "the reason must name {needle}: {}",
+        err.message()
+    );
+}
+
 async fn futures_join_all<F: std::future::Future>(
     futures: impl IntoIterator<Item = F>,
 ) -> Vec<F::Output> {
@@ -362,16 +376,7 @@ async fn vm_limit_holds_under_concurrency() {
 async fn qemu_that_cannot_start_leaves_nothing() {
     let manager = Manager::start(&[("MANAGER_QEMU_DISK_IMG_KERNEL_FILE", "/nonexistent/bzImage")]);
     let mut client = manager.client().await;
-    let err = client
-        .create_vm(request())
-        .await
-        .expect_err("QEMU cannot start");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(
-        err.message().contains("/nonexistent/bzImage"),
-        "QEMU's own line expected: {}",
-        err.message()
-    );
+    assert_start_fails(&mut client, "/nonexistent/bzImage").await;
     assert!(
         manager.vm_folders().is_empty(),
         "{:?}",
@@ -395,13 +400,7 @@ async fn qemu_that_cannot_start_leaves_nothing() {
         .insert("MANAGER_QEMU_BIN_PATH".into(), "/nonexistent/qemu".into());
     manager.spawn();
     let mut client = manager.client().await;
-    let err = client.create_vm(request()).await.expect_err("no QEMU");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(
-        err.message().contains("/nonexistent/qemu"),
-        "{}",
-        err.message()
-    );
+    assert_start_fails(&mut client, "/nonexistent/qemu").await;
     assert!(manager.vm_folders().is_empty());
 }
 
@@ -500,15 +499,6 @@ async fn disk_mode_gives_each_vm_its_own_grown_copy() {
     );
     manager.spawn();
     let mut client = manager.client().await;
-    let err = client
-        .create_vm(request())
-        .await
-        .expect_err("no source image");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(
-        err.message().contains("/nonexistent/enc_os.qcow2"),
-        "{}",
-        err.message()
-    );
+    assert_start_fails(&mut client, "/nonexistent/enc_os.qcow2").await;
     assert!(manager.vm_folders().is_empty());
 }

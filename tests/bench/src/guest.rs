@@ -111,14 +111,7 @@ impl GuestReport {
             opt(hand),
             opt(overhead)
         );
-        if self.failures.is_empty() {
-            println!("Result: OK");
-        } else {
-            println!("Result: FAILED");
-            for failure in &self.failures {
-                println!("  - {failure}");
-            }
-        }
+        crate::stats::print_verdict(&self.failures);
     }
 
     pub fn json(&self) -> serde_json::Value {

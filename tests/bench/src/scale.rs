@@ -138,14 +138,7 @@ impl ScaleReport {
             opt(self.leftover_processes.map(|v| v.to_string())),
             opt(self.daemon_exit.clone())
         );
-        if self.failures.is_empty() {
-            println!("Result: OK");
-        } else {
-            println!("Result: FAILED");
-            for failure in &self.failures {
-                println!("  - {failure}");
-            }
-        }
+        crate::stats::print_verdict(&self.failures);
     }
 
     pub fn json(&self) -> serde_json::Value {

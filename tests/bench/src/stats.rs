@@ -79,6 +79,18 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// The last line of a report: OK, or FAILED with each failure.
+pub fn print_verdict(failures: &[String]) {
+    if failures.is_empty() {
+        println!("Result: OK");
+    } else {
+        println!("Result: FAILED");
+        for failure in failures {
+            println!("  - {failure}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
