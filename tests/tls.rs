@@ -13,11 +13,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
+    let out = Command::new(require_tool("openssl"))
         .current_dir(dir)
         .args(args)
         .output()
-        .expect("openssl");
+        .expect("run openssl");
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",

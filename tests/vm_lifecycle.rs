@@ -430,10 +430,10 @@ async fn a_taken_forwarded_port_is_skipped() {
 }
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = std::process::Command::new("qemu-img")
+    let out = std::process::Command::new(require_tool("qemu-img"))
         .args(args)
         .output()
-        .expect("qemu-img");
+        .expect("run qemu-img");
     assert!(
         out.status.success(),
         "qemu-img {args:?}: {}",

@@ -11,7 +11,8 @@
 # Idempotent: exits at once when both outputs are newer than build.sh and the
 # guest files (init, agent-http, udhcpc.script, power-button). Downloaded .debs
 # are cached in target/dev-guest/work/debs; apt-get update runs only when
-# resolving/downloading fails. Missing host tools are apt-get installed.
+# resolving/downloading fails. Host tools (QEMU as one consistent set, OVMF,
+# swtpm, ...) are installed by packaging/host-tools.sh on every invocation.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -31,6 +32,10 @@ GUEST_FILES=(init agent-http udhcpc.script power-button)
 
 log() { echo "dev-guest build: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# --- host tools: every invocation, before the fast path --------------------------
+# (an up-to-date guest is no use if QEMU, qemu-img or swtpm went missing)
+"$ROOT/packaging/host-tools.sh" install
 
 # --- fast path: nothing to do ------------------------------------------------------
 if [[ -z "${FORCE:-}" && -s "$BZIMAGE" && -s "$ROOTFS" ]]; then
@@ -65,23 +70,6 @@ apt_update() {
 		APT_UPDATED=1
 	fi
 }
-
-# --- host tools -------------------------------------------------------------------------
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-missing=()
-command -v cpio >/dev/null || missing+=(cpio)
-command -v gzip >/dev/null || missing+=(gzip)
-command -v xz >/dev/null || missing+=(xz-utils)
-command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-command -v qemu-img >/dev/null || missing+=(qemu-utils)
-have_pkg ovmf || [[ -f /usr/share/OVMF/OVMF_CODE.fd ]] || missing+=(ovmf)
-if ((${#missing[@]})); then
-	log "installing host tools: ${missing[*]}"
-	if ! "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
-		apt_update
-		"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-	fi
-fi
 
 # --- download the kernel + busybox .debs ------------------------------------------
 mkdir -p "$WORK/debs"

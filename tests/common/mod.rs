@@ -34,8 +34,24 @@ pub fn manager_binary() -> PathBuf {
     bin
 }
 
+/// The path of an external tool a test needs, or a failure that names it and says
+/// how to get it (every tool comes from `packaging/host-tools.sh install`).
+pub fn require_tool(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs `{tool}`, which is not on PATH: run packaging/host-tools.sh install \
+                 (it installs QEMU, qemu-img, swtpm, OVMF and the rest as one consistent set)"
+            )
+        })
+}
+
 /// The development guest, built by packaging/dev-guest/build.sh.
 pub fn dev_guest() -> (PathBuf, PathBuf) {
+    require_tool("qemu-system-x86_64");
     let dir = std::env::var_os("COCOS_DEV_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/dev-guest"));
