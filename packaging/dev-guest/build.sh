@@ -2,14 +2,14 @@
 # Build the Cocos development guest from the Debian archive only:
 #
 #   target/dev-guest/bzImage          Debian linux-image-<abi>-amd64 kernel
-#   target/dev-guest/rootfs.cpio.gz   initramfs: busybox-static, virtio/9p/acpi
+#   target/dev-guest/rootfs.cpio.gz   initramfs: busybox-static, virtio/9p/acpi/tpm
 #                                     modules, /init, agent stand-in on :7002
 #
 # Usage: packaging/dev-guest/build.sh        (from any directory)
 #        FORCE=1 packaging/dev-guest/build.sh   rebuild even if up to date
 #
 # Idempotent: exits at once when both outputs are newer than build.sh and the
-# guest files (init, agent-http, udhcpc.script, power-button). Downloaded .debs
+# guest files (init, agent-http, hostdata, udhcpc.script, power-button). Downloaded .debs
 # are cached in target/dev-guest/work/debs; apt-get update runs only when
 # resolving/downloading fails. Host tools (QEMU as one consistent set, OVMF,
 # swtpm, ...) are installed by packaging/host-tools.sh on every invocation.
@@ -24,11 +24,14 @@ ROOTFS="$OUT/rootfs.cpio.gz"
 
 # Modules init loads, in this order (their dependencies are added first;
 # built-in ones are skipped). evdev + button: ACPI power button -> acpid.
+# tpm_crb (QEMU -device tpm-crb) and tpm_tis (-device tpm-tis) for a vTPM; both
+# are built into Debian's 6.1 kernel (CONFIG_TCG_TPM=y etc.), so nothing ships.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-	failover net_failover virtio_net netfs fscache 9pnet 9pnet_virtio 9p evdev button)
+	failover net_failover virtio_net netfs fscache 9pnet 9pnet_virtio 9p evdev button
+	tpm_crb tpm_tis)
 
 # Guest files taken from this directory.
-GUEST_FILES=(init agent-http udhcpc.script power-button)
+GUEST_FILES=(init agent-http hostdata udhcpc.script power-button)
 
 log() { echo "dev-guest build: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -139,6 +142,7 @@ done
 
 install -m 0755 "$HERE/init" "$R/init"
 install -m 0755 "$HERE/agent-http" "$R/usr/libexec/dev-guest/agent-http"
+install -m 0755 "$HERE/hostdata" "$R/usr/libexec/dev-guest/hostdata"
 install -m 0755 "$HERE/udhcpc.script" "$R/etc/udhcpc.script"
 install -m 0755 "$HERE/power-button" "$R/etc/acpi/PWRF/00000080"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
