@@ -400,9 +400,10 @@ settings! {
     grpc_client_key: PathBuf = "MANAGER_GRPC_CLIENT_KEY", "client.grpc_client_key", "", "Client side: client private key";
     grpc_server_ca_certs: PathBuf = "MANAGER_GRPC_SERVER_CA_CERTS", "client.grpc_server_ca_certs", "", "Client side: CA that signed the manager's certificate";
     // Attestation
-    attestation_policy_binary: PathBuf = "MANAGER_ATTESTATION_POLICY_BINARY", "attestation.policy_binary", "../../build/attestation_policy", "Attestation policy binary";
-    igvmmeasure_binary: PathBuf = "MANAGER_IGVMMEASURE_BINARY", "attestation.igvmmeasure_binary", "../../build/igvmmeasure", "IGVM measure binary";
-    pcr_values: PathBuf = "MANAGER_PCR_VALUES", "attestation.pcr_values", "", "Expected PCR values file";
+    attestation_policy_binary: PathBuf = "MANAGER_ATTESTATION_POLICY_BINARY", "attestation.policy_binary", "../../build/attestation_policy", "The original's policy tool: if this file exists, its output (JSON on stdout) is the base document, as the original used it; the measurement and host data are always the manager's own";
+    igvmmeasure_binary: PathBuf = "MANAGER_IGVMMEASURE_BINARY", "attestation.igvmmeasure_binary", "../../build/igvmmeasure", "Accepted for compatibility and unused: the manager measures IGVM files itself";
+    pcr_values: PathBuf = "MANAGER_PCR_VALUES", "attestation.pcr_values", "", "Expected PCR values file (JSON: bank -> PCR index -> hex), the policy's pcr_values; checked at start and on SIGHUP";
+    attestation_base_policy: PathBuf = "MANAGER_ATTESTATION_BASE_POLICY", "attestation.base_policy", "", "Operator's base policy document (JSON, same shape as the answer): platform facts such as chip_id and TCB floors; computed fields override it. Required for TDX";
     // QEMU: basics
     qemu_bin_path: PathBuf = "MANAGER_QEMU_BIN_PATH", "qemu.bin_path", "qemu-system-x86_64", "QEMU binary";
     qemu_use_sudo: bool = "MANAGER_QEMU_USE_SUDO", "qemu.use_sudo", "false", "Run QEMU through sudo";
@@ -411,6 +412,9 @@ settings! {
     qemu_enable_kvm: bool = "MANAGER_QEMU_ENABLE_KVM", "qemu.enable_kvm", "true", "Enable KVM acceleration";
     qemu_no_graphic: bool = "MANAGER_QEMU_NO_GRAPHIC", "qemu.no_graphic", "true", "Disable graphical display";
     qemu_monitor: QemuWord = "MANAGER_QEMU_MONITOR", "qemu.monitor", "pty", "Human monitor type";
+    qemu_vtpm: VtpmMode = "MANAGER_QEMU_VTPM", "qemu.vtpm", "none", "Host-side vTPM without SVSM: none, or swtpm (each VM gets its own swtpm and a TPM CRB device)";
+    swtpm_bin_path: PathBuf = "MANAGER_SWTPM_BIN_PATH", "qemu.swtpm_bin_path", "swtpm", "swtpm binary (MANAGER_QEMU_VTPM=swtpm)";
+    swtpm_setup_bin_path: PathBuf = "MANAGER_SWTPM_SETUP_BIN_PATH", "qemu.swtpm_setup_bin_path", "swtpm_setup", "swtpm_setup binary, makes each VM's TPM state and endorsement key";
     // QEMU: memory and CPUs
     qemu_memory_size: QemuSize = "MANAGER_QEMU_MEMORY_SIZE", "qemu.memory_size", "2048M", "Guest memory size";
     qemu_memory_slots: u32 = "MANAGER_QEMU_MEMORY_SLOTS", "qemu.memory_slots", "5", "Memory hotplug slots";
@@ -457,7 +461,7 @@ settings! {
     qemu_sev_snp_cbitpos: u32 = "MANAGER_QEMU_SEV_SNP_CBITPOS", "qemu.sev_snp_cbitpos", "51", "C-bit position";
     qemu_sev_snp_reduced_phys_bits: u32 = "MANAGER_QEMU_SEV_SNP_REDUCED_PHYS_BITS", "qemu.sev_snp_reduced_phys_bits", "1", "Reduced physical address bits";
     qemu_enable_host_data: bool = "MANAGER_QEMU_ENABLE_HOST_DATA", "qemu.enable_host_data", "false", "Pass SEV-SNP host data";
-    qemu_host_data: String = "MANAGER_QEMU_HOST_DATA", "qemu.host_data", "", "SEV-SNP host data, base64 of 32 bytes";
+    qemu_host_data: String = "MANAGER_QEMU_HOST_DATA", "qemu.host_data", "", "SEV-SNP host data, base64 of 32 bytes; empty = each VM's own digest of the files it is given (README: host data)";
     // TDX
     qemu_enable_tdx: bool = "MANAGER_QEMU_ENABLE_TDX", "qemu.enable_tdx", "false", "Enable TDX";
     qemu_tdx_id: QemuWord = "MANAGER_QEMU_TDX_ID", "qemu.tdx_id", "tdx0", "TDX object id prefix";
@@ -491,6 +495,36 @@ settings! {
 impl SettingValue for RestartType {
     fn parse_setting(text: &str) -> Result<Self, String> {
         text.trim().parse()
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// Where a VM's TPM comes from when there is no SVSM to hold one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VtpmMode {
+    None,
+    /// A `swtpm` process per VM, QEMU's `tpm-crb` device on its socket.
+    Swtpm,
+}
+
+impl fmt::Display for VtpmMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VtpmMode::None => "none",
+            VtpmMode::Swtpm => "swtpm",
+        })
+    }
+}
+
+impl SettingValue for VtpmMode {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "none" | "" => Ok(VtpmMode::None),
+            "swtpm" => Ok(VtpmMode::Swtpm),
+            other => Err(format!("{other:?} is not one of: none, swtpm")),
+        }
     }
     fn show(&self) -> String {
         self.to_string()
@@ -668,7 +702,7 @@ impl Config {
                 "must be from 0 to 1",
             ));
         }
-        if self.qemu_enable_host_data {
+        if self.qemu_enable_host_data && !self.qemu_host_data.is_empty() {
             use base64::Engine as _;
             let decoded =
                 base64::engine::general_purpose::STANDARD.decode(self.qemu_host_data.as_bytes());
@@ -676,7 +710,7 @@ impl Config {
                 return Err(Config::invalid(
                     "MANAGER_QEMU_HOST_DATA",
                     self.qemu_host_data.clone(),
-                    "must be the base64 encoding of exactly 32 bytes when MANAGER_QEMU_ENABLE_HOST_DATA is true",
+                    "must be empty (each VM's own digest) or the base64 encoding of exactly 32 bytes",
                 ));
             }
         }

@@ -5,6 +5,7 @@
 //! durations, the files handed to the guest, and the generated wire types.
 //! The actors crate owns every effect and calls into this crate.
 
+pub mod attestation;
 pub mod config;
 pub mod duration;
 pub mod guest;

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, TeeMode};
+use crate::config::{Config, TeeMode, VtpmMode};
 
 /// Where one VM's files live on the host.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -18,6 +18,14 @@ pub struct VmPaths {
     pub console_socket: PathBuf,
     pub console_log: PathBuf,
     pub qemu_log: PathBuf,
+    /// The VM's software TPM: its state (endorsement key and NV, kept
+    /// across restarts of the VM), its control socket and its log.
+    #[serde(default)]
+    pub tpm_dir: PathBuf,
+    #[serde(default)]
+    pub swtpm_socket: PathBuf,
+    #[serde(default)]
+    pub swtpm_log: PathBuf,
 }
 
 impl VmPaths {
@@ -41,6 +49,9 @@ impl VmPaths {
             console_socket: dir.join("console.sock"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
+            tpm_dir: dir.join("tpm"),
+            swtpm_socket: dir.join("swtpm.sock"),
+            swtpm_log: dir.join("swtpm.log"),
             dir,
         }
     }
@@ -54,6 +65,21 @@ pub struct LaunchSpec<'a> {
     pub paths: &'a VmPaths,
     /// `aa_kbs_params` of the request, already validated.
     pub aa_kbs_params: &'a str,
+    /// SEV-SNP host data for this VM, base64 ([`host_data`]); `None` = none.
+    pub host_data: Option<&'a str>,
+}
+
+/// The SEV-SNP host data a VM is launched with, base64: none unless
+/// `MANAGER_QEMU_ENABLE_HOST_DATA`; then the operator's
+/// `MANAGER_QEMU_HOST_DATA` when set, else the VM's own digest.
+pub fn host_data(config: &Config, per_vm: &[u8; 32]) -> Option<String> {
+    if !config.qemu_enable_host_data {
+        None
+    } else if !config.qemu_host_data.is_empty() {
+        Some(config.qemu_host_data.clone())
+    } else {
+        Some(crate::attestation::document::b64(per_vm))
+    }
 }
 
 /// QEMU reads `,,` as a literal comma inside an option value.
@@ -197,8 +223,8 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
             if mode == TeeMode::SevSnpOvmf {
                 sev.push_str(",kernel-hashes=on");
             }
-            if config.qemu_enable_host_data {
-                sev.push_str(&format!(",host-data={}", config.qemu_host_data));
+            if let Some(host_data) = spec.host_data {
+                sev.push_str(&format!(",host-data={host_data}"));
             }
             push(&["-object", &sev]);
             if mode == TeeMode::SevSnpIgvm {
@@ -273,7 +299,16 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
         ]);
     }
 
-    // Ours: a name for ps, the QMP control socket and the serial console.
+    // Ours: a TPM on the VM's own swtpm, a name for ps, the QMP control
+    // socket and the serial console.
+    if config.qemu_vtpm == VtpmMode::Swtpm {
+        push(&[
+            "-chardev",
+            &format!("socket,id=chrtpm,path={}", opt(&spec.paths.swtpm_socket)),
+        ]);
+        push(&["-tpmdev", "emulator,id=tpm0,chardev=chrtpm"]);
+        push(&["-device", "tpm-crb,tpmdev=tpm0"]);
+    }
     push(&["-name", &format!("cocos-{id}")]);
     push(&[
         "-chardev",

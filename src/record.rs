@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::attestation::document::AttestationState;
 use crate::qemu::VmPaths;
 
 pub const RECORD_VERSION: u32 = 1;
@@ -38,6 +39,22 @@ pub struct VmRecord {
     /// When the TTL fires, as milliseconds since the Unix epoch.
     pub ttl_deadline_ms: Option<u64>,
     pub info: LaunchInfo,
+    /// What the VM's attestation report must say, fixed at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationState>,
+    /// The VM's `swtpm`, when it has one: checked like QEMU before it is
+    /// touched again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swtpm: Option<ProcessRecord>,
+}
+
+/// A process the manager started, as a restarted manager proves it is the
+/// same one: pid, start time (clock ticks after boot) and executable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: i32,
+    pub start_time: u64,
+    pub exe: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +107,7 @@ impl VmRecord {
                     .any(|base| !base.as_os_str().is_empty() && p == base.join(&record.id))
         };
         let p = &record.paths;
+        let optional = [&p.tpm_dir, &p.swtpm_socket, &p.swtpm_log];
         for file in [
             &p.ovmf_vars,
             &p.disk,
@@ -97,7 +115,10 @@ impl VmRecord {
             &p.console_socket,
             &p.console_log,
             &p.qemu_log,
-        ] {
+        ]
+        .into_iter()
+        .chain(optional.into_iter().filter(|p| !p.as_os_str().is_empty()))
+        {
             if !inside(file) {
                 return Err(misplaced(format!("path {}", file.display())));
             }
@@ -107,7 +128,10 @@ impl VmRecord {
                 return Err(misplaced(format!("share {}", share.display())));
             }
         }
-        if record.argv.is_empty() || record.pid <= 1 {
+        if record.argv.is_empty()
+            || record.pid <= 1
+            || record.swtpm.as_ref().is_some_and(|s| s.pid <= 1)
+        {
             return Err(RecordError::Parse("no command or pid".into()));
         }
         Ok(record)
@@ -150,6 +174,8 @@ mod tests {
                     kernel_cmd: "quiet console=null".into(),
                     eos_version: String::new(),
                 },
+                attestation: None,
+                swtpm: None,
             },
             config.state_dir,
         )
@@ -207,6 +233,44 @@ mod tests {
         shared.paths.certs_dir = PathBuf::from("/srv/certs").join(ID);
         let base = PathBuf::from("/srv/certs");
         assert!(VmRecord::parse(&shared.to_json(), &state, ID, &[base.as_path()]).is_ok());
+    }
+
+    #[test]
+    fn keeps_attestation_and_swtpm_and_reads_records_without_them() {
+        use crate::attestation::document::LaunchKind;
+        let (mut r, state) = record();
+        r.attestation = Some(AttestationState {
+            launch: LaunchKind::SevSnpOvmf,
+            measurement: Some("bWVhc3VyZW1lbnQ=".into()),
+            host_data: None,
+            host_data_per_vm: false,
+            vtpm: true,
+            document: Some("{}".into()),
+            unavailable: None,
+        });
+        r.swtpm = Some(ProcessRecord {
+            pid: 4243,
+            start_time: 123455,
+            exe: "/usr/bin/swtpm".into(),
+        });
+        let parsed = VmRecord::parse(&r.to_json(), &state, ID, &[]).expect("valid record");
+        assert_eq!(parsed, r);
+        // A record written before these fields existed.
+        let mut old: serde_json::Value = serde_json::from_slice(&r.to_json()).expect("json");
+        for key in ["attestation", "swtpm"] {
+            old.as_object_mut().expect("object").remove(key);
+        }
+        for key in ["tpm_dir", "swtpm_socket", "swtpm_log"] {
+            old["paths"].as_object_mut().expect("paths").remove(key);
+        }
+        let parsed = VmRecord::parse(old.to_string().as_bytes(), &state, ID, &[]).expect("old");
+        assert_eq!(parsed.attestation, None);
+        let mut evil = r.clone();
+        evil.paths.tpm_dir = "/etc".into();
+        assert!(matches!(
+            VmRecord::parse(&evil.to_json(), &state, ID, &[]),
+            Err(RecordError::Misplaced(..))
+        ));
     }
 
     #[test]

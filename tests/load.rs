@@ -18,29 +18,6 @@ const CLIENTS: usize = 16;
 const ROUNDS: usize = 20;
 const KEEP: usize = 6;
 
-/// A manager whose VMs run the stand-in, with `extra` settings on top.
-fn start_on_stand_in(range: (u16, u16), extra: &[(&str, &str)]) -> Manager {
-    let mut env = Manager::dev_env(range);
-    env.insert(
-        "MANAGER_QEMU_BIN_PATH".into(),
-        stand_in().to_string_lossy().into_owned(),
-    );
-    for (k, v) in extra {
-        env.insert(k.to_string(), v.to_string());
-    }
-    Manager::start_with(env, range)
-}
-
-fn stand_in() -> std::path::PathBuf {
-    let path = manager_binary().with_file_name("qemu-stand-in");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build --workspace",
-        path.display()
-    );
-    path
-}
-
 #[derive(Default)]
 struct Ledger {
     /// Ports held by VMs the clients believe alive, and by whom.

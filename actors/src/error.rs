@@ -11,6 +11,9 @@ pub enum ApiError {
     /// QEMU did not come up; the message carries its own reason.
     #[error("{0}")]
     StartFailed(String),
+    /// The request cannot be served in the VM's or host's present state.
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("{0}")]
     Internal(String),
     #[error("{0}")]
@@ -24,6 +27,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             ApiError::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
             ApiError::StartFailed(m) => tonic::Status::failed_precondition(m),
+            ApiError::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             ApiError::Internal(m) => tonic::Status::internal(m),
             ApiError::Unavailable(m) => tonic::Status::unavailable(m),
         }

@@ -5,6 +5,7 @@
 //! front (gRPC, HTTP) → `Supervisor` → `CvmActor` per VM → pure core
 //! (`cocos_core`), with `PortAllocator` and `ZombieReaper` serving the VMs.
 
+mod attest;
 mod cvm;
 mod error;
 mod front;
@@ -23,22 +24,32 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use cocos_core::attestation::document::AttestationState;
+use cocos_core::attestation::hostdata;
+use cocos_core::config::TeeMode;
 use cocos_core::config::{self, Config, ConfigInputs, Loaded};
-use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
+use cocos_core::guest::{validate_create, ValidatedCreate};
+use cocos_core::proto::CreateReq;
+use cocos_core::qemu::{
+    command_line, host_data as qemu_host_data, shell_quote, LaunchSpec, VmPaths,
+};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::{reload, EnvFilter};
 
+use crate::attest::Measurer;
 use crate::ports::{PortAllocator, SetRange};
 use crate::reaper::ZombieReaper;
 use crate::signals::SignalPipe;
 use crate::supervisor::{Readopt, Shutdown, Supervisor, UpdateConfig};
 
 const USAGE: &str = "\
-Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-default-config]
+Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-attestation-policy | --print-default-config]
 
   --config FILE           read settings from a TOML file (environment variables win)
   --print-qemu-cmd        print the QEMU command line the configuration gives, and exit
+  --print-attestation-policy  print the attestation policy document a VM created now
+                          with an empty request would get (JSON), and exit; starts nothing
   --print-default-config  print the full default configuration file, and exit
   --print-config-reference  print the settings as a Markdown table, and exit
   --help, --version
@@ -49,6 +60,7 @@ SIGHUP reloads the file and the environment the manager started with.";
 enum Mode {
     Run,
     PrintQemuCmd,
+    PrintAttestationPolicy,
     PrintDefaultConfig,
     PrintConfigReference,
 }
@@ -74,6 +86,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 args.config_file = Some(PathBuf::from(&s["--config=".len()..]));
             }
             "--print-qemu-cmd" => args.mode = Mode::PrintQemuCmd,
+            "--print-attestation-policy" => args.mode = Mode::PrintAttestationPolicy,
             "--print-default-config" => args.mode = Mode::PrintDefaultConfig,
             "--print-config-reference" => args.mode = Mode::PrintConfigReference,
             "--help" | "-h" => {
@@ -174,8 +187,10 @@ fn main() -> ExitCode {
         for warning in &loaded.warnings {
             eprintln!("cocos-manager: warning: {warning}");
         }
-        let id = "00000000-0000-4000-8000-000000000000";
+        let id = EXAMPLE_ID;
         let paths = VmPaths::new(&loaded.config, id);
+        let per_vm = hostdata::for_vm(&empty_request(), id);
+        let host_data = qemu_host_data(&loaded.config, &per_vm);
         let argv = command_line(
             &loaded.config,
             &LaunchSpec {
@@ -183,10 +198,21 @@ fn main() -> ExitCode {
                 port: loaded.config.qemu_host_fwd_agent,
                 paths: &paths,
                 aa_kbs_params: "",
+                host_data: match loaded.config.tee_mode() {
+                    TeeMode::SevSnpOvmf | TeeMode::SevSnpIgvm => host_data.as_deref(),
+                    _ => None,
+                },
             },
         );
         println!("{}", shell_quote(&argv));
         return ExitCode::SUCCESS;
+    }
+    if let Mode::PrintAttestationPolicy = args.mode {
+        for warning in &loaded.warnings {
+            eprintln!("cocos-manager: warning: {warning}");
+        }
+        let system = actix::System::new();
+        return system.block_on(print_attestation_policy(loaded.config));
     }
 
     let (filter, _log_guard) = init_logging(&loaded.config);
@@ -229,7 +255,27 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     let bind = config.forward_bind_addr();
     let reaper = ZombieReaper::default().start();
     let ports = PortAllocator::new(config.port_range(), bind).start();
-    let supervisor = Supervisor::new(config.clone(), ports.clone(), reaper.clone()).start();
+    let measurer = SyncArbiter::start(1, Measurer::default);
+    let doc_inputs = match attest::load_inputs(&config, &reaper).await {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                warn!("{warning}");
+            }
+            Arc::new(loaded.inputs)
+        }
+        Err(e) => {
+            error!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let supervisor = Supervisor::new(
+        config.clone(),
+        doc_inputs,
+        ports.clone(),
+        reaper.clone(),
+        measurer,
+    )
+    .start();
     // Requests are served only once the VMs left running are ours again.
     match supervisor.send(Readopt).await {
         Ok(count) => info!(count, "VMs re-adopted"),
@@ -285,7 +331,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 notify::notify("RELOADING=1");
-                current = reload(&source, current, &filter, &supervisor, &ports);
+                current = reload(&source, current, &filter, &supervisor, &ports, &reaper).await;
                 notify::notify("READY=1");
             }
             result = &mut grpc_task => {
@@ -338,13 +384,15 @@ fn lock_state_dir(config: &Config) -> Result<nix::fcntl::Flock<std::fs::File>, S
     )
 }
 
-/// SIGHUP: the new configuration replaces the old only if all of it is valid.
-fn reload(
+/// SIGHUP: the new configuration replaces the old only if all of it is
+/// valid, the attestation files it names included.
+async fn reload(
     source: &ConfigSource,
     current: Arc<Config>,
     filter: &FilterHandle,
     supervisor: &Addr<Supervisor>,
     ports: &Addr<PortAllocator>,
+    reaper: &Addr<ZombieReaper>,
 ) -> Arc<Config> {
     info!("SIGHUP: reloading configuration");
     let loaded = match source.load() {
@@ -378,9 +426,23 @@ fn reload(
     new.http_port = current.http_port;
     new.state_dir.clone_from(&current.state_dir);
     let new = Arc::new(new);
+    // The files named may have changed even when their names did not.
+    let doc_inputs = match attest::load_inputs(&new, reaper).await {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                warn!("{warning}");
+            }
+            Arc::new(loaded.inputs)
+        }
+        Err(e) => {
+            error!(error = %e, "reload refused; the previous configuration stays in force");
+            return current;
+        }
+    };
     let changes = new.changes_from(&current);
     if changes.is_empty() {
-        info!("reload: nothing changed");
+        info!("reload: no setting changed; attestation files read again");
+        supervisor.do_send(UpdateConfig(current.clone(), doc_inputs));
         return current;
     }
     for (name, old, value) in &changes {
@@ -393,6 +455,67 @@ fn reload(
         range: new.port_range(),
         bind: new.forward_bind_addr(),
     });
-    supervisor.do_send(UpdateConfig(new.clone()));
+    supervisor.do_send(UpdateConfig(new.clone(), doc_inputs));
     new
+}
+
+/// The id `--print-*` use for the VM they describe.
+const EXAMPLE_ID: &str = "00000000-0000-4000-8000-000000000000";
+
+fn empty_request() -> ValidatedCreate {
+    match validate_create(&CreateReq::default()) {
+        Ok(create) => create,
+        Err(e) => unreachable!("an empty request is valid: {e}"),
+    }
+}
+
+/// `--print-attestation-policy`: the document a VM created now with an
+/// empty request would get. Measures and reads files; starts no VM.
+async fn print_attestation_policy(config: Config) -> ExitCode {
+    let config = Arc::new(config);
+    let reaper = ZombieReaper::default().start();
+    let measurer = SyncArbiter::start(1, Measurer::default);
+    let loaded = match attest::load_inputs(&config, &reaper).await {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("cocos-manager: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for warning in &loaded.warnings {
+        eprintln!("cocos-manager: warning: {warning}");
+    }
+    let state = attest::attestation_state(
+        &config,
+        &loaded.inputs,
+        &measurer,
+        &empty_request(),
+        EXAMPLE_ID,
+    )
+    .await;
+    let code = match state {
+        Ok(AttestationState {
+            document: Some(document),
+            ..
+        }) => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&document)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(document);
+            println!("{pretty}");
+            ExitCode::SUCCESS
+        }
+        Ok(state) => {
+            eprintln!(
+                "cocos-manager: no attestation policy: {}",
+                state.unavailable.unwrap_or_default()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cocos-manager: {e}");
+            ExitCode::FAILURE
+        }
+    };
+    System::current().stop();
+    code
 }

@@ -83,7 +83,7 @@ pub fn pidfd_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> io::Re
 }
 
 /// Who a process is: enough to tell it from a later process with its pid.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     pub start_time: u64,
     pub exe: PathBuf,

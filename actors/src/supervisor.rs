@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::proto::{CreateRes, CvmInfoRes};
@@ -19,6 +20,7 @@ use futures::future::join_all;
 use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
+use crate::attest::Measurer;
 use crate::cvm::{Adopt, Boot, CvmActor, Services, Stop, VmGone, VmState};
 use crate::error::ApiError;
 use crate::ports::PortAllocator;
@@ -38,10 +40,15 @@ pub struct RemoveVm(pub String);
 #[rtype(result = "Result<CvmInfoRes, ApiError>")]
 pub struct VmInfo(pub String);
 
-/// A new configuration for VMs created from now on.
+/// A new configuration (and attestation inputs) for VMs created from now on.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct UpdateConfig(pub Arc<Config>);
+pub struct UpdateConfig(pub Arc<Config>, pub Arc<DocumentInputs>);
+
+/// The attestation policy document of one VM (JSON text).
+#[derive(Message)]
+#[rtype(result = "Result<String, ApiError>")]
+pub struct AttestationPolicy(pub String);
 
 /// Find the VMs a previous manager left and take them over; answers with
 /// how many were re-adopted.
@@ -70,6 +77,8 @@ pub struct VmSummary {
 struct VmEntry {
     addr: Addr<CvmActor>,
     info: LaunchInfo,
+    /// Known once the VM has booted (or from its record).
+    attestation: Option<AttestationState>,
     port: Option<u16>,
     /// Gave up after its restart budget; holds nothing, kept so it shows.
     failed: bool,
@@ -77,8 +86,10 @@ struct VmEntry {
 
 pub struct Supervisor {
     config: Arc<Config>,
+    doc_inputs: Arc<DocumentInputs>,
     ports: Addr<PortAllocator>,
     reaper: Addr<ZombieReaper>,
+    measurer: Addr<Measurer>,
     vms: HashMap<String, VmEntry>,
     /// Entries that are failed tombstones; they do not count against the limit.
     failed: usize,
@@ -88,13 +99,17 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         config: Arc<Config>,
+        doc_inputs: Arc<DocumentInputs>,
         ports: Addr<PortAllocator>,
         reaper: Addr<ZombieReaper>,
+        measurer: Addr<Measurer>,
     ) -> Supervisor {
         Supervisor {
             config,
+            doc_inputs,
             ports,
             reaper,
+            measurer,
             vms: HashMap::new(),
             failed: 0,
             accepting: true,
@@ -105,6 +120,7 @@ impl Supervisor {
         Services {
             ports: self.ports.clone(),
             reaper: self.reaper.clone(),
+            measurer: self.measurer.clone(),
             supervisor: ctx.address().recipient(),
         }
     }
@@ -144,12 +160,20 @@ impl Handler<CreateVm> for Supervisor {
             eos_version: config.eos_version.clone(),
         };
         let services = self.services(ctx);
-        let addr = CvmActor::new(id.clone(), config, info.clone(), services).start();
+        let addr = CvmActor::new(
+            id.clone(),
+            config,
+            info.clone(),
+            self.doc_inputs.clone(),
+            services,
+        )
+        .start();
         self.vms.insert(
             id.clone(),
             VmEntry {
                 addr: addr.clone(),
                 info,
+                attestation: None,
                 port: None,
                 failed: false,
             },
@@ -163,6 +187,7 @@ impl Handler<CreateVm> for Supervisor {
                         Ok(booted) => {
                             if let Some(entry) = act.vms.get_mut(&id) {
                                 entry.port = Some(booted.port);
+                                entry.attestation = Some(booted.attestation);
                             }
                             Ok(CreateRes {
                                 forwarded_port: booted.port.to_string(),
@@ -249,6 +274,37 @@ impl Handler<UpdateConfig> for Supervisor {
 
     fn handle(&mut self, msg: UpdateConfig, _ctx: &mut Self::Context) {
         self.config = msg.0;
+        self.doc_inputs = msg.1;
+    }
+}
+
+impl Handler<AttestationPolicy> for Supervisor {
+    type Result = Result<String, ApiError>;
+
+    /// Answered from what was fixed when the VM was created: the same
+    /// document for the VM's whole life, across manager restarts.
+    fn handle(&mut self, msg: AttestationPolicy, _ctx: &mut Self::Context) -> Self::Result {
+        let entry = self
+            .vms
+            .get(&msg.0)
+            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
+        let Some(state) = &entry.attestation else {
+            return Err(ApiError::FailedPrecondition(format!(
+                "VM {} has no attestation state yet: it is still being created",
+                msg.0
+            )));
+        };
+        match (&state.document, &state.unavailable) {
+            (Some(document), _) => Ok(document.clone()),
+            (None, Some(reason)) => Err(ApiError::FailedPrecondition(format!(
+                "VM {}: {reason}",
+                msg.0
+            ))),
+            (None, None) => Err(ApiError::FailedPrecondition(format!(
+                "VM {} was created by a manager that kept no attestation state for it",
+                msg.0
+            ))),
+        }
     }
 }
 
@@ -317,6 +373,7 @@ impl Handler<Readopt> for Supervisor {
                         VmEntry {
                             addr: addr.clone(),
                             info: record.info.clone(),
+                            attestation: record.attestation.clone(),
                             port: Some(record.port),
                             failed: false,
                         },
@@ -375,8 +432,13 @@ async fn sweep_unfinished(folder: String, dir: PathBuf) {
         let Some(identity) = identify(pid) else {
             continue;
         };
-        let ours = identity.cmdline.iter().any(|a| a == &name)
-            && identity.cmdline.iter().any(|a| a.contains(&dir_text));
+        let names_dir = identity.cmdline.iter().any(|a| a.contains(&dir_text));
+        // Its QEMU, or its swtpm (whose state and socket are in the folder).
+        let is_swtpm = identity
+            .exe
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("swtpm"));
+        let ours = names_dir && (identity.cmdline.iter().any(|a| a == &name) || is_swtpm);
         if !ours {
             continue;
         }

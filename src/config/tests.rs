@@ -467,6 +467,20 @@ fn host_data_must_be_32_bytes_of_base64() {
         ],
     );
     assert!(message.contains("MANAGER_QEMU_HOST_DATA"), "{message}");
+    // Empty: each VM gets its own digest.
+    let c = load_ok(None, &[("MANAGER_QEMU_ENABLE_HOST_DATA", "true")]).config;
+    assert!(c.qemu_enable_host_data && c.qemu_host_data.is_empty());
+}
+
+#[test]
+fn vtpm_is_none_or_swtpm() {
+    use crate::config::VtpmMode;
+    assert_eq!(load_ok(None, &[]).config.qemu_vtpm, VtpmMode::None);
+    let c = load_ok(None, &[("MANAGER_QEMU_VTPM", "swtpm")]).config;
+    assert_eq!(c.qemu_vtpm, VtpmMode::Swtpm);
+    let message = load_err(None, &[("MANAGER_QEMU_VTPM", "tpm2")]);
+    assert!(message.contains("MANAGER_QEMU_VTPM"), "{message}");
+    assert!(message.contains("none, swtpm"), "{message}");
 }
 
 #[test]

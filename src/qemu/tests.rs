@@ -19,8 +19,12 @@ fn config(pairs: &[(&str, &str)]) -> Config {
     }
 }
 
+/// A stand-in for a VM's own host-data digest.
+const PER_VM: [u8; 32] = [0xab; 32];
+
 fn argv(config: &Config, aa: &str) -> Vec<String> {
     let paths = VmPaths::new(config, ID);
+    let host_data = host_data(config, &PER_VM);
     command_line(
         config,
         &LaunchSpec {
@@ -28,6 +32,7 @@ fn argv(config: &Config, aa: &str) -> Vec<String> {
             port: 6100,
             paths: &paths,
             aa_kbs_params: aa,
+            host_data: host_data.as_deref(),
         },
     )
 }
@@ -225,5 +230,49 @@ fn shell_quoting() {
     assert_eq!(
         shell_quote(&argv),
         r#"qemu -append 'quiet console=null' 'it'\''s'"#
+    );
+}
+
+#[test]
+fn host_data_is_the_vms_own_digest_unless_the_operator_set_one() {
+    let off = config(&[("MANAGER_QEMU_ENABLE_SEV_SNP", "true")]);
+    assert_eq!(host_data(&off, &PER_VM), None);
+    assert!(!argv(&off, "").iter().any(|a| a.contains("host-data")));
+
+    let per_vm = config(&[
+        ("MANAGER_QEMU_ENABLE_SEV_SNP", "true"),
+        ("MANAGER_QEMU_ENABLE_HOST_DATA", "true"),
+    ]);
+    // python3 -c 'import base64; print(base64.b64encode(bytes([0xab]*32)).decode())'
+    let b64 = "q6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=";
+    assert_eq!(host_data(&per_vm, &PER_VM).as_deref(), Some(b64));
+    assert!(argv(&per_vm, "")
+        .iter()
+        .any(|a| a.ends_with(&format!(",host-data={b64}"))));
+
+    let operator = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let fixed = config(&[
+        ("MANAGER_QEMU_ENABLE_SEV_SNP", "true"),
+        ("MANAGER_QEMU_ENABLE_HOST_DATA", "true"),
+        ("MANAGER_QEMU_HOST_DATA", operator),
+    ]);
+    assert_eq!(host_data(&fixed, &PER_VM).as_deref(), Some(operator));
+}
+
+#[test]
+fn swtpm_gives_a_tpm_crb_device_on_the_vms_own_socket() {
+    let none = config(&[("MANAGER_QEMU_ENABLE_SEV_SNP", "false")]);
+    assert!(!argv(&none, "").iter().any(|a| a.contains("tpm")));
+    let c = config(&[
+        ("MANAGER_QEMU_ENABLE_SEV_SNP", "false"),
+        ("MANAGER_QEMU_VTPM", "swtpm"),
+    ]);
+    let got = argv(&c, "").join(" ");
+    let d = format!("/var/lib/cocos-manager/vms/{ID}");
+    assert!(
+        got.contains(&format!(
+            "-chardev socket,id=chrtpm,path={d}/swtpm.sock -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0 -name cocos-{ID}"
+        )),
+        "{got}"
     );
 }

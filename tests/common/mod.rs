@@ -261,7 +261,11 @@ impl Drop for Manager {
             self.stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(60));
         }
         // Whatever a failed test left behind must not outlive it.
-        for pid in qemu_pids_under(self.state_dir.path()) {
+        let state = self.state_dir.path().to_string_lossy().into_owned();
+        for pid in qemu_pids_under(self.state_dir.path())
+            .into_iter()
+            .chain(swtpm_pids_matching(&state))
+        {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -292,6 +296,55 @@ pub fn pids_matching(needle: &str) -> Vec<i32> {
 
 pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
     pids_matching(&dir.to_string_lossy())
+}
+
+/// `swtpm` processes whose command line mentions `needle` (a VM's swtpm
+/// names its state and socket in the VM folder).
+pub fn swtpm_pids_matching(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let is_swtpm = cmdline.starts_with("swtpm") || cmdline.contains("/swtpm ");
+            if is_swtpm && cmdline.contains(needle) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// The stand-in QEMU (a test double), built with the workspace.
+pub fn stand_in() -> PathBuf {
+    let path = manager_binary().with_file_name("qemu-stand-in");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --workspace",
+        path.display()
+    );
+    path
+}
+
+/// A manager whose VMs run the stand-in, with `extra` settings on top.
+pub fn start_on_stand_in(range: (u16, u16), extra: &[(&str, &str)]) -> Manager {
+    let mut env = Manager::dev_env(range);
+    env.insert(
+        "MANAGER_QEMU_BIN_PATH".into(),
+        stand_in().to_string_lossy().into_owned(),
+    );
+    // The stand-in has no TPM device to talk to a swtpm; a test that wants
+    // one says so.
+    env.insert("MANAGER_QEMU_VTPM".into(), "none".into());
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Manager::start_with(env, range)
 }
 
 /// Whether `pid` exists at all (a zombie counts as existing).
@@ -444,6 +497,13 @@ pub async fn assert_nothing_left(manager: &Manager) {
         eventually(Duration::from_secs(10), || pids_matching(&state).is_empty()).await,
         "VM processes left: {:?}",
         pids_matching(&state)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || swtpm_pids_matching(&state)
+            .is_empty())
+        .await,
+        "swtpm processes left: {:?}",
+        swtpm_pids_matching(&state)
     );
     assert!(
         zombie_children(manager.pid()).is_empty(),

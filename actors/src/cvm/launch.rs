@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
+use std::os::unix::fs::DirBuilderExt;
+
+use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
@@ -21,6 +24,7 @@ use tracing::{debug, error, info, warn};
 use super::files;
 use super::qmp::{Qmp, QmpEvent};
 use super::Services;
+use crate::attest::attestation_state;
 use crate::error::ApiError;
 use crate::ports::{Release, Reserve};
 use crate::process::{identify, pidfd_signal, ExitStatus, Identity};
@@ -30,7 +34,18 @@ use crate::reaper::{ChildExited, Spawn};
 /// taken (another process bound it after our probe).
 const PORT_TRIES: usize = 3;
 
-pub type ExitWatch = watch::Receiver<Option<(i32, ExitStatus)>>;
+/// The `-tpmdev` value of a VM with a software TPM (see `cocos_core::qemu`).
+const QEMU_TPMDEV: &str = "emulator,id=tpm0,chardev=chrtpm";
+
+/// The last exits of a VM's processes (QEMU, its swtpm, helper tools),
+/// newest last; a few suffice, since each is looked for right after it.
+pub type ExitBook = Vec<(i32, ExitStatus)>;
+pub const EXIT_BOOK_LEN: usize = 16;
+pub type ExitWatch = watch::Receiver<ExitBook>;
+
+pub fn exit_of(book: &ExitBook, pid: i32) -> Option<ExitStatus> {
+    book.iter().rev().find(|(p, _)| *p == pid).map(|(_, s)| *s)
+}
 
 /// Waits until the process `pid` has ended, at most `limit`.
 pub async fn wait_exit(
@@ -38,12 +53,43 @@ pub async fn wait_exit(
     pid: i32,
     limit: Option<Duration>,
 ) -> Option<ExitStatus> {
-    let wait = exit.wait_for(|v| matches!(v, Some((p, _)) if *p == pid));
+    let wait = exit.wait_for(|book| exit_of(book, pid).is_some());
     let result = match limit {
         Some(limit) => tokio::time::timeout(limit, wait).await.ok()?,
         None => wait.await,
     };
-    result.ok().and_then(|v| v.map(|(_, status)| status))
+    result.ok().and_then(|book| exit_of(&book, pid))
+}
+
+/// Ends a helper process (the VM's swtpm): SIGTERM, then SIGKILL after
+/// `grace`; returns once it has exited, or after a bounded wait.
+pub async fn end_process(exit: &mut ExitWatch, helper: &Helper, grace: Duration) {
+    if wait_exit(exit, helper.pid, Some(Duration::ZERO))
+        .await
+        .is_some()
+    {
+        return;
+    }
+    for (signal, limit) in [(Signal::SIGTERM, grace), (Signal::SIGKILL, grace)] {
+        if let Err(e) = pidfd_signal(&helper.pidfd, signal) {
+            debug!(pid = helper.pid, error = %e, "cannot signal helper (gone already?)");
+        }
+        if wait_exit(exit, helper.pid, Some(limit)).await.is_some() {
+            return;
+        }
+    }
+    error!(
+        pid = helper.pid,
+        "helper process did not exit after SIGKILL"
+    );
+}
+
+/// A process a VM needs besides QEMU (its swtpm).
+#[derive(Clone)]
+pub struct Helper {
+    pub pid: i32,
+    pub pidfd: Arc<OwnedFd>,
+    pub identity: Identity,
 }
 
 pub struct Launched {
@@ -53,6 +99,14 @@ pub struct Launched {
     pub pidfd: Arc<OwnedFd>,
     pub identity: Identity,
     pub qmp: Option<Qmp>,
+    pub swtpm: Option<Helper>,
+}
+
+/// A first boot's result: the launch and the attestation state it was
+/// measured for.
+pub struct FirstBoot {
+    pub launched: Launched,
+    pub attestation: AttestationState,
 }
 
 pub struct LaunchError {
@@ -72,6 +126,7 @@ impl LaunchError {
 pub struct Launcher {
     pub id: String,
     pub config: Arc<Config>,
+    pub doc_inputs: Arc<DocumentInputs>,
     pub paths: VmPaths,
     pub services: Services,
     pub notify: Recipient<ChildExited>,
@@ -85,13 +140,18 @@ enum Readiness {
 }
 
 impl Launcher {
-    /// Makes the VM's files, reserves a port and launches. On error the
-    /// port is released; the caller removes the files.
-    pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<Launched, ApiError> {
+    /// Measures the launch, makes the VM's files, reserves a port and
+    /// launches. On error the port is released; the caller removes the files.
+    pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<FirstBoot, ApiError> {
+        // Before anything is made: a launch we cannot attest is refused.
+        let attestation = self.attestation(&create).await?;
         files::prepare(&self.config, &self.paths, &self.id, &create)
             .map_err(|e| ApiError::Internal(format!("cannot prepare the VM's files: {e}")))?;
         if self.config.qemu_enable_disk {
             self.prepare_disk().await?;
+        }
+        if attestation.vtpm {
+            self.prepare_tpm().await?;
         }
         let mut port = self.reserve_port().await?;
         let mut tries = 1;
@@ -101,10 +161,16 @@ impl Launcher {
                 port,
                 paths: &self.paths,
                 aa_kbs_params: &create.aa_kbs_params,
+                host_data: attestation.host_data.as_deref(),
             };
             let argv = command_line(&self.config, &spec);
             let error = match self.launch(argv, port).await {
-                Ok(launched) => return Ok(launched),
+                Ok(launched) => {
+                    return Ok(FirstBoot {
+                        launched,
+                        attestation,
+                    })
+                }
                 Err(e) if e.retry_on_other_port && tries < PORT_TRIES => e.error,
                 Err(e) => {
                     self.services.ports.do_send(Release(port));
@@ -119,6 +185,118 @@ impl Launcher {
             port = next.map_err(|_| error)?;
             tries += 1;
         }
+    }
+
+    /// The VM's attestation state, computed before anything is made.
+    async fn attestation(&self, create: &ValidatedCreate) -> Result<AttestationState, ApiError> {
+        attestation_state(
+            &self.config,
+            &self.doc_inputs,
+            &self.services.measurer,
+            create,
+            &self.id,
+        )
+        .await
+    }
+
+    /// The VM's TPM state with its endorsement key, made once; restarts of
+    /// the VM keep it, so the key stays the same.
+    async fn prepare_tpm(&mut self) -> Result<(), ApiError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&self.paths.tpm_dir)
+            .map_err(|e| {
+                ApiError::Internal(format!(
+                    "cannot create {}: {e}",
+                    self.paths.tpm_dir.display()
+                ))
+            })?;
+        let setup = self
+            .config
+            .swtpm_setup_bin_path
+            .to_string_lossy()
+            .into_owned();
+        let dir = self.paths.tpm_dir.to_string_lossy().into_owned();
+        self.run_tool(&[
+            &setup,
+            "--tpm2",
+            "--tpmstate",
+            &dir,
+            "--createek",
+            "--not-overwrite",
+        ])
+        .await
+    }
+
+    /// Starts the VM's swtpm and waits for its control socket, at most
+    /// `MANAGER_START_TIMEOUT`. On failure nothing is left running.
+    async fn start_swtpm(&mut self) -> Result<Helper, ApiError> {
+        let socket = &self.paths.swtpm_socket;
+        let _ = std::fs::remove_file(socket);
+        let argv = vec![
+            self.config.swtpm_bin_path.to_string_lossy().into_owned(),
+            "socket".into(),
+            "--tpm2".into(),
+            "--tpmstate".into(),
+            format!("dir={}", self.paths.tpm_dir.to_string_lossy()),
+            "--ctrl".into(),
+            format!("type=unixio,path={}", socket.to_string_lossy()),
+            "--log".into(),
+            format!("file={}", self.paths.swtpm_log.to_string_lossy()),
+            // Ends with its QEMU: it goes when QEMU closes the connection.
+            "--terminate".into(),
+        ];
+        let output = self.open_qemu_log()?;
+        let spawned = self
+            .services
+            .reaper
+            .send(Spawn {
+                argv: argv.clone(),
+                output,
+                notify: self.notify.clone(),
+            })
+            .await?
+            .map_err(|e| ApiError::StartFailed(format!("cannot start {}: {e}", argv[0])))?;
+        let pid = spawned.pid;
+        let pidfd = Arc::new(spawned.pidfd);
+        let identity = identify(pid);
+        let deadline = tokio::time::Instant::now() + self.config.start_timeout;
+        let mut delay = Duration::from_millis(1);
+        let failure = loop {
+            if let Some(status) = wait_exit(&mut self.exit, pid, Some(Duration::ZERO)).await {
+                let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
+                break format!("swtpm exited at start ({status}): {line}");
+            }
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                // The connection we just closed does not end it: --terminate
+                // acts only after a client has initialised the TPM.
+                match identity {
+                    Some(identity) => {
+                        return Ok(Helper {
+                            pid,
+                            pidfd,
+                            identity,
+                        })
+                    }
+                    None => break "swtpm vanished from /proc while starting".to_string(),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break format!(
+                    "swtpm did not open its socket within {:?}",
+                    self.config.start_timeout
+                );
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        };
+        let helper = Helper {
+            pid,
+            pidfd,
+            identity: identity.unwrap_or_default(),
+        };
+        end_process(&mut self.exit, &helper, Duration::from_secs(5)).await;
+        Err(ApiError::StartFailed(failure))
     }
 
     /// The VM's own writable disk: a copy of the source image, grown by
@@ -195,8 +373,32 @@ impl Launcher {
         })
     }
 
-    /// Starts `argv` and waits until the VM is up. On failure no process is left.
+    /// Starts the VM's swtpm (when it has a vTPM), then `argv`, and waits
+    /// until the VM is up. On failure no process is left.
     pub async fn launch(&mut self, argv: Vec<String>, port: u16) -> Result<Launched, LaunchError> {
+        // The command decides, not today's configuration: a VM keeps the
+        // devices it was created with across restarts and reloads.
+        let swtpm = if argv.iter().any(|a| a == QEMU_TPMDEV) {
+            Some(self.start_swtpm().await.map_err(LaunchError::fatal)?)
+        } else {
+            None
+        };
+        let result = self.launch_qemu(argv, port).await;
+        match result {
+            Ok(mut launched) => {
+                launched.swtpm = swtpm;
+                Ok(launched)
+            }
+            Err(e) => {
+                if let Some(helper) = &swtpm {
+                    end_process(&mut self.exit, helper, Duration::from_secs(5)).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch_qemu(&mut self, argv: Vec<String>, port: u16) -> Result<Launched, LaunchError> {
         let begun = std::time::Instant::now();
         let fatal = LaunchError::fatal;
         let quoted = shell_quote(&argv);
@@ -248,6 +450,7 @@ impl Launcher {
                 pidfd,
                 identity,
                 qmp: Some(qmp),
+                swtpm: None,
             }),
             (Err(Readiness::Exited(status)), _) => {
                 let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();

@@ -13,17 +13,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
-use cocos_core::record::{LaunchInfo, VmRecord, RECORD_VERSION};
+use cocos_core::record::{LaunchInfo, ProcessRecord, VmRecord, RECORD_VERSION};
 use cocos_core::restart::{Decision, ExitKind, RestartPolicy, RestartTracker};
 use nix::sys::signal::Signal;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 pub use self::console::RotatingLog;
-use self::launch::{wait_exit, ExitWatch, Launched, Launcher};
+use self::launch::{
+    end_process, exit_of, wait_exit, ExitBook, ExitWatch, FirstBoot, Helper, Launched, Launcher,
+    EXIT_BOOK_LEN,
+};
 use self::qmp::{Qmp, QmpEvent};
+use crate::attest::Measurer;
 use crate::error::ApiError;
 use crate::ports::{PortAllocator, Release, ReserveExact};
 use crate::process::{identify, pidfd_exited, pidfd_open, pidfd_signal, ExitStatus, Identity};
@@ -58,6 +63,7 @@ pub struct VmGone {
 pub struct Services {
     pub ports: Addr<PortAllocator>,
     pub reaper: Addr<ZombieReaper>,
+    pub measurer: Addr<Measurer>,
     pub supervisor: Recipient<VmGone>,
 }
 
@@ -66,9 +72,10 @@ pub struct Services {
 #[rtype(result = "Result<Booted, ApiError>")]
 pub struct Boot(pub ValidatedCreate);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Booted {
     pub port: u16,
+    pub attestation: AttestationState,
 }
 
 /// Take over a VM a previous manager started.
@@ -96,11 +103,15 @@ pub struct CvmActor {
     paths: cocos_core::qemu::VmPaths,
     services: Services,
     info: LaunchInfo,
+    doc_inputs: Arc<DocumentInputs>,
+    attestation: Option<AttestationState>,
     state: VmState,
     port: Option<u16>,
     argv: Vec<String>,
     process: Option<Process>,
-    exit: watch::Sender<Option<(i32, ExitStatus)>>,
+    /// The VM's software TPM, when it has one; ended after QEMU.
+    swtpm: Option<Helper>,
+    exit: watch::Sender<ExitBook>,
     qmp: Option<Qmp>,
     /// The reason of the last SHUTDOWN event: a guest-initiated power-off is
     /// a normal end, anything else that ends QEMU is not.
@@ -122,7 +133,13 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl CvmActor {
-    pub fn new(id: String, config: Arc<Config>, info: LaunchInfo, services: Services) -> CvmActor {
+    pub fn new(
+        id: String,
+        config: Arc<Config>,
+        info: LaunchInfo,
+        doc_inputs: Arc<DocumentInputs>,
+        services: Services,
+    ) -> CvmActor {
         let paths = cocos_core::qemu::VmPaths::new(&config, &id);
         CvmActor {
             policy: config.restart(),
@@ -131,11 +148,14 @@ impl CvmActor {
             paths,
             services,
             info,
+            doc_inputs,
+            attestation: None,
             state: VmState::Starting,
             port: None,
             argv: Vec::new(),
             process: None,
-            exit: watch::channel(None).0,
+            swtpm: None,
+            exit: watch::channel(Vec::new()).0,
             qmp: None,
             shutdown_reason: None,
             tracker: RestartTracker::new(),
@@ -151,7 +171,14 @@ impl CvmActor {
 
     /// An actor for a VM found in a record, before `Adopt` checks it.
     pub fn from_record(record: &VmRecord, config: Arc<Config>, services: Services) -> CvmActor {
-        let mut actor = CvmActor::new(record.id.clone(), config, record.info.clone(), services);
+        let mut actor = CvmActor::new(
+            record.id.clone(),
+            config,
+            record.info.clone(),
+            Arc::new(DocumentInputs::default()),
+            services,
+        );
+        actor.attestation = record.attestation.clone();
         actor.paths = record.paths.clone();
         actor.argv = record.argv.clone();
         actor.ttl_deadline = record
@@ -175,6 +202,7 @@ impl CvmActor {
         Launcher {
             id: self.id.clone(),
             config: self.config.clone(),
+            doc_inputs: self.doc_inputs.clone(),
             paths: self.paths.clone(),
             services: self.services.clone(),
             notify: ctx.address().recipient(),
@@ -198,10 +226,32 @@ impl CvmActor {
             paths: self.paths.clone(),
             ttl_deadline_ms: self.ttl_deadline.map(unix_ms),
             info: self.info.clone(),
+            attestation: self.attestation.clone(),
+            swtpm: self.swtpm.as_ref().map(|h| ProcessRecord {
+                pid: h.pid,
+                start_time: h.identity.start_time,
+                exe: h.identity.exe.clone(),
+            }),
         };
         if let Err(e) = records::write(&record) {
             error!(vm = %self.id, error = %e, "cannot write the VM record; a restarted manager will not find this VM");
         }
+    }
+
+    /// Ends the VM's swtpm (QEMU is gone already), then releases
+    /// everything.
+    fn finish(&mut self, ctx: &mut Context<Self>, final_state: VmState, keep_listed: bool) {
+        let Some(helper) = self.swtpm.take() else {
+            self.release_everything(ctx, final_state, keep_listed);
+            return;
+        };
+        let mut exit = self.exit.subscribe();
+        let grace = self.config.stop_term_timeout;
+        ctx.spawn(
+            async move { end_process(&mut exit, &helper, grace).await }
+                .into_actor(self)
+                .map(move |(), act, ctx| act.release_everything(ctx, final_state, keep_listed)),
+        );
     }
 
     /// Removes the folder and returns the port: the last step on every path,
@@ -242,6 +292,7 @@ impl CvmActor {
         self.port = Some(launched.port);
         self.argv = launched.argv;
         self.qmp = launched.qmp;
+        self.swtpm = launched.swtpm;
         self.shutdown_reason = None;
         self.process = Some(Process {
             pid: launched.pid,
@@ -279,10 +330,10 @@ impl CvmActor {
         }
         // An exit that raced the end of the start, or a stop asked for meanwhile.
         let pid = self.process.as_ref().map(|p| p.pid);
-        let exited = *self.exit.borrow();
+        let exited = pid.and_then(|pid| exit_of(&self.exit.borrow(), pid));
         match exited {
-            Some((p, status)) if Some(p) == pid => self.on_exit(ctx, status),
-            _ => {
+            Some(status) => self.on_exit(ctx, status),
+            None => {
                 if let Some(reason) = self.stop_requested.take() {
                     self.begin_stop(ctx, reason);
                 }
@@ -313,7 +364,7 @@ impl CvmActor {
         self.launching = false;
         if let Some(reason) = self.stop_requested.take() {
             info!(vm = %self.id, reason, "VM ended while a stop was pending");
-            self.release_everything(ctx, VmState::Stopped, false);
+            self.finish(ctx, VmState::Stopped, false);
             return;
         }
         match self.tracker.on_exit(&self.policy, kind, self.now()) {
@@ -327,36 +378,44 @@ impl CvmActor {
             }
             Decision::Stop => {
                 info!(vm = %self.id, policy = %self.policy.restart, "VM ended and is not restarted");
-                self.release_everything(ctx, VmState::Stopped, false);
+                self.finish(ctx, VmState::Stopped, false);
             }
             Decision::GiveUp { reason } => {
                 error!(vm = %self.id, %reason, "VM failed: restart budget spent; its port and files are released");
-                self.release_everything(ctx, VmState::Failed, true);
+                self.finish(ctx, VmState::Failed, true);
             }
         }
     }
 
     fn restart(&mut self, ctx: &mut Context<Self>) {
         let Some(port) = self.port else {
-            self.release_everything(ctx, VmState::Failed, true);
+            self.finish(ctx, VmState::Failed, true);
             return;
         };
         self.launching = true;
         let argv = self.argv.clone();
         let mut launcher = self.launcher(ctx);
+        // The last run's swtpm holds the TPM state's lock until it is gone.
+        let old_swtpm = self.swtpm.take();
+        let grace = self.config.stop_term_timeout;
         ctx.spawn(
-            async move { launcher.launch(argv, port).await }
-                .into_actor(self)
-                .map(|result, act, ctx| match result {
-                    Ok(launched) => {
-                        info!(vm = %act.id, port = launched.port, "VM restarted");
-                        act.take_launched(ctx, launched);
-                    }
-                    Err(e) => {
-                        warn!(vm = %act.id, error = %e.error, "restart failed");
-                        act.after_end(ctx, ExitKind::Abnormal);
-                    }
-                }),
+            async move {
+                if let Some(helper) = old_swtpm {
+                    end_process(&mut launcher.exit, &helper, grace).await;
+                }
+                launcher.launch(argv, port).await
+            }
+            .into_actor(self)
+            .map(|result, act, ctx| match result {
+                Ok(launched) => {
+                    info!(vm = %act.id, port = launched.port, "VM restarted");
+                    act.take_launched(ctx, launched);
+                }
+                Err(e) => {
+                    warn!(vm = %act.id, error = %e.error, "restart failed");
+                    act.after_end(ctx, ExitKind::Abnormal);
+                }
+            }),
         );
     }
 
@@ -365,7 +424,7 @@ impl CvmActor {
             VmState::Running => self.begin_stop(ctx, reason),
             VmState::Restarting if !self.launching => {
                 info!(vm = %self.id, reason, "stopping VM while it waits to restart");
-                self.release_everything(ctx, VmState::Stopped, false);
+                self.finish(ctx, VmState::Stopped, false);
             }
             VmState::Starting | VmState::Restarting => {
                 self.stop_requested.get_or_insert(reason);
@@ -386,7 +445,7 @@ impl CvmActor {
             ctx.cancel_future(timer);
         }
         let Some(process) = self.process.as_ref() else {
-            self.release_everything(ctx, VmState::Stopped, false);
+            self.finish(ctx, VmState::Stopped, false);
             return;
         };
         let job = StopJob {
@@ -400,7 +459,7 @@ impl CvmActor {
         ctx.spawn(job.run().into_actor(self).map(|result, act, ctx| match result {
             Ok(status) => {
                 info!(vm = %act.id, %status, "VM stopped");
-                act.release_everything(ctx, VmState::Stopped, false);
+                act.finish(ctx, VmState::Stopped, false);
             }
             Err((e, mut exit, pid)) => {
                 error!(vm = %act.id, error = %e, "VM did not stop; its files stay until it exits");
@@ -410,7 +469,7 @@ impl CvmActor {
                 ctx.spawn(
                     async move { wait_exit(&mut exit, pid, None).await }
                         .into_actor(act)
-                        .map(|_, act, ctx| act.release_everything(ctx, VmState::Stopped, false)),
+                        .map(|_, act, ctx| act.finish(ctx, VmState::Stopped, false)),
                 );
             }
         }));
@@ -448,11 +507,15 @@ impl Handler<Boot> for CvmActor {
         let launcher = self.launcher(ctx);
         Box::pin(launcher.first_boot(create).into_actor(self).map(
             |result, act, ctx| match result {
-                Ok(launched) => {
+                Ok(FirstBoot {
+                    launched,
+                    attestation,
+                }) => {
                     let port = launched.port;
-                    info!(vm = %act.id, port, "VM running");
+                    info!(vm = %act.id, port, vtpm = attestation.vtpm, "VM running");
+                    act.attestation = Some(attestation.clone());
                     act.take_launched(ctx, launched);
-                    Ok(Booted { port })
+                    Ok(Booted { port, attestation })
                 }
                 Err(e) => {
                     warn!(vm = %act.id, error = %e, "VM failed to start");
@@ -484,9 +547,35 @@ impl Handler<Adopt> for CvmActor {
             .filter(same)
             .and_then(|_| pidfd_open(pid).ok())
             .and_then(|pidfd| identify(pid).filter(same).map(|identity| (pidfd, identity)));
+        if let Some(swtpm) = &record.swtpm {
+            let socket = record.paths.swtpm_socket.to_string_lossy().into_owned();
+            let same = |identity: &Identity| {
+                identity.start_time == swtpm.start_time
+                    && identity.exe == swtpm.exe
+                    && identity.cmdline.iter().any(|a| a.contains(&socket))
+            };
+            let adopted = identify(swtpm.pid)
+                .filter(same)
+                .and_then(|_| pidfd_open(swtpm.pid).ok())
+                .and_then(|fd| identify(swtpm.pid).filter(same).map(|id| (fd, id)));
+            match adopted {
+                Some((fd, identity)) => {
+                    let fd = Arc::new(fd);
+                    self.watch_adopted(ctx, swtpm.pid, fd.clone());
+                    self.swtpm = Some(Helper {
+                        pid: swtpm.pid,
+                        pidfd: fd,
+                        identity,
+                    });
+                }
+                None => {
+                    warn!(vm = %self.id, pid = swtpm.pid, "the VM's swtpm is gone; its TPM no longer answers until the VM restarts")
+                }
+            }
+        }
         let Some((pidfd, identity)) = adopted else {
             info!(vm = %self.id, pid, "the VM's QEMU is gone (or its pid belongs to another process now); cleaning up");
-            self.release_everything(ctx, VmState::Stopped, false);
+            self.finish(ctx, VmState::Stopped, false);
             return Box::pin(fut::ready(Err(ApiError::NotFound(format!(
                 "VM {} is gone",
                 record.id
@@ -544,11 +633,18 @@ impl Handler<ChildExited> for CvmActor {
 
     fn handle(&mut self, msg: ChildExited, ctx: &mut Self::Context) {
         // A re-adopted process may be reported twice (pidfd, then reaper).
-        let current = *self.exit.borrow();
-        if current.is_some_and(|(pid, _)| pid == msg.pid) {
+        if exit_of(&self.exit.borrow(), msg.pid).is_some() {
             return;
         }
-        self.exit.send_replace(Some((msg.pid, msg.status)));
+        self.exit.send_modify(|book| {
+            if book.len() >= EXIT_BOOK_LEN {
+                book.remove(0);
+            }
+            book.push((msg.pid, msg.status));
+        });
+        if self.swtpm.as_ref().is_some_and(|h| h.pid == msg.pid) && self.state == VmState::Running {
+            warn!(vm = %self.id, pid = msg.pid, status = %msg.status, "the VM's swtpm exited; its TPM no longer answers");
+        }
         let ours = self.process.as_ref().is_some_and(|p| p.pid == msg.pid);
         if self.state == VmState::Running && ours && !self.launching {
             self.on_exit(ctx, msg.status);

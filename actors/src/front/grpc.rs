@@ -19,7 +19,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::error::ApiError;
-use crate::supervisor::{CreateVm, RemoveVm, Supervisor, VmInfo};
+use crate::supervisor::{AttestationPolicy, CreateVm, RemoveVm, Supervisor, VmInfo};
 
 /// The name health checks ask about.
 pub const HEALTH_SERVICE: &str = "manager";
@@ -71,11 +71,19 @@ impl ManagerService for ManagerApi {
 
     async fn attestation_policy(
         &self,
-        _request: Request<AttestationPolicyReq>,
+        request: Request<AttestationPolicyReq>,
     ) -> Result<Response<AttestationPolicyRes>, Status> {
-        Err(Status::unimplemented(
-            "AttestationPolicy is not implemented by this manager yet",
-        ))
+        let id = request.into_inner().id;
+        let document = self
+            .supervisor
+            .send(AttestationPolicy(id.clone()))
+            .await
+            .map_err(mailbox)?
+            .map_err(Status::from)?;
+        Ok(Response::new(AttestationPolicyRes {
+            info: document.into_bytes(),
+            id,
+        }))
     }
 }
 

@@ -191,6 +191,8 @@ async fn rounds(
         format!("{}-{}", range.0, range.1),
     );
     spec.set("MANAGER_QEMU_ENABLE_KVM", "false");
+    // The baseline runs QEMU alone: no swtpm on either side.
+    spec.set("MANAGER_QEMU_VTPM", "none");
     spec.set(
         "MANAGER_QEMU_DISK_IMG_KERNEL_FILE",
         kernel.to_string_lossy(),

@@ -243,6 +243,8 @@ async fn phases(
     report.port_range = Some(range);
     let mut spec = DaemonSpec::new(paths, ws)?;
     spec.set("MANAGER_QEMU_BIN_PATH", opts.qemu_bin.to_string_lossy());
+    // The stand-in has no TPM device: no swtpm per VM.
+    spec.set("MANAGER_QEMU_VTPM", "none");
     spec.set(
         "MANAGER_QEMU_HOST_FWD_RANGE",
         format!("{}-{}", range.0, range.1),
