@@ -269,10 +269,14 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
             &config.qemu_disk_img_kernel_file.to_string_lossy(),
         ]);
         push(&["-append", &kernel_cmdline(config, spec.aa_kbs_params)]);
-        push(&[
-            "-initrd",
-            &config.qemu_disk_img_rootfs_file.to_string_lossy(),
-        ]);
+        // No initrd configured: none on the command line (nor in the
+        // measured kernel hashes).
+        if !config.qemu_disk_img_rootfs_file.as_os_str().is_empty() {
+            push(&[
+                "-initrd",
+                &config.qemu_disk_img_rootfs_file.to_string_lossy(),
+            ]);
+        }
     }
 
     if config.qemu_no_graphic {

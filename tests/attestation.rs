@@ -371,3 +371,157 @@ async fn tdx_answers_the_operators_document_or_refuses() {
         .expect("RemoveVm");
     assert_nothing_left(&manager).await;
 }
+
+fn hup(manager: &Manager) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(manager.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pcr_values_are_checked_at_start_and_on_sighup() {
+    let inputs = Inputs::new(true);
+    // A bad file refuses the start, naming the file and the entry.
+    let bad = inputs.path("bad-pcrs.json");
+    std::fs::write(&bad, r#"{"sha256": {"0": "not hex"}}"#).expect("write");
+    let out = Command::new(manager_binary())
+        .env_clear()
+        .env("MANAGER_PCR_VALUES", &bad)
+        .env("MANAGER_STATE_DIR", inputs.path("state"))
+        .env("MANAGER_GRPC_PORT", free_port().to_string())
+        .env("MANAGER_HTTP_PORT", free_port().to_string())
+        .output()
+        .expect("run the manager");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("MANAGER_PCR_VALUES") && stderr.contains("bad-pcrs.json") && stderr.contains("PCR 0"),
+        "{stderr}"
+    );
+
+    // A running manager: a bad new file is refused, the old values stay;
+    // a good one is used for VMs created afterwards, not for those before.
+    let manager = snp_manager(&inputs, &[]);
+    let mut client = manager.client().await;
+    let first = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    let pcr_file = inputs.path("pcrs.json");
+    let original = std::fs::read(&pcr_file).expect("pcrs");
+    std::fs::write(&pcr_file, b"{\"sha256\": {\"99\": \"00\"}}").expect("write");
+    hup(&manager);
+    let refused = || manager.log().contains("reload refused");
+    assert!(eventually(Duration::from_secs(10), refused).await, "{}", manager.log());
+    assert!(manager.log().contains("0 to 23"), "the reason is logged");
+    let second = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    let doc = policy(&mut client, &second).await.expect("policy");
+    assert_eq!(
+        doc["pcr_values"],
+        serde_json::from_slice::<serde_json::Value>(&original).expect("json"),
+        "the old values stay in force"
+    );
+
+    let new_pcrs = serde_json::json!({"sha256": {"7": "44".repeat(32)}});
+    std::fs::write(&pcr_file, new_pcrs.to_string()).expect("write");
+    hup(&manager);
+    let reread = || manager.log().contains("attestation files read again");
+    assert!(eventually(Duration::from_secs(10), reread).await, "{}", manager.log());
+    let third = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    assert_eq!(policy(&mut client, &third).await.expect("policy")["pcr_values"], new_pcrs);
+    assert_eq!(
+        policy(&mut client, &first).await.expect("policy")["pcr_values"],
+        serde_json::from_slice::<serde_json::Value>(&original).expect("json"),
+        "a VM keeps the document it was created with"
+    );
+    for id in [first, second, third] {
+        client
+            .remove_vm(cocos_core::proto::RemoveReq { cvm_id: id })
+            .await
+            .expect("RemoveVm");
+    }
+    assert_nothing_left(&manager).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_policy_binary_gives_the_base_document() {
+    use std::os::unix::fs::PermissionsExt;
+    let inputs = Inputs::new(true);
+    // Stands in for the original's attestation_policy tool (reads /dev/sev).
+    let tool = inputs.path("attestation_policy");
+    let chip = base64::engine::general_purpose::STANDARD.encode([0xc1u8; 64]);
+    std::fs::write(
+        &tool,
+        format!(
+            "#!/bin/sh\n[ \"$1 $2\" = \"--policy 196608\" ] || exit 3\n\
+             echo '{{\"policy\": {{\"chip_id\": \"{chip}\", \"minimum_tcb\": 7, \"measurement\": \"theirs\"}}, \"root_of_trust\": {{\"product\": \"Milan\"}}}}'\n"
+        ),
+    )
+    .expect("write tool");
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let manager = snp_manager(
+        &inputs,
+        &[("MANAGER_ATTESTATION_POLICY_BINARY", &tool.display().to_string())],
+    );
+    assert!(
+        !manager.log().contains("no chip_id"),
+        "the base document gives the chip id: no warning"
+    );
+    let mut client = manager.client().await;
+    let id = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    let doc = policy(&mut client, &id).await.expect("policy");
+    assert_eq!(doc["policy"]["chip_id"], serde_json::json!(chip));
+    assert_eq!(doc["policy"]["minimum_tcb"], serde_json::json!(7));
+    assert_eq!(doc["root_of_trust"]["product"], serde_json::json!("Milan"));
+    let measurement = b64d(doc["policy"]["measurement"].as_str().expect("ours"));
+    assert_eq!(hex(&measurement), reference_digest(&inputs, CMDLINE), "the measurement is ours");
+    client
+        .remove_vm(cocos_core::proto::RemoveReq { cvm_id: id })
+        .await
+        .expect("RemoveVm");
+    assert_nothing_left(&manager).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_platform_facts_the_start_warns_once() {
+    let inputs = Inputs::new(true);
+    let manager = snp_manager(&inputs, &[]);
+    let warnings = manager.log().matches("no chip_id and no TCB floors").count();
+    assert_eq!(warnings, 1, "{}", manager.log());
+}
+
+#[test]
+fn print_attestation_policy_shows_what_an_empty_request_would_get() {
+    let inputs = Inputs::new(true);
+    let run = |snp: &str| {
+        Command::new(manager_binary())
+            .env_clear()
+            .env("MANAGER_QEMU_ENABLE_SEV_SNP", snp)
+            .env("MANAGER_QEMU_IGVM_FILE", "")
+            .env("MANAGER_QEMU_OVMF_CODE_FILE", inputs.path("ovmf.fd"))
+            .env("MANAGER_QEMU_DISK_IMG_KERNEL_FILE", inputs.path("bzImage"))
+            .env("MANAGER_QEMU_DISK_IMG_ROOTFS_FILE", inputs.path("initrd"))
+            .env("MANAGER_QEMU_KERNEL_CMDLINE", CMDLINE)
+            .env("MANAGER_QEMU_CPU", "EPYC-v4")
+            .env("MANAGER_QEMU_SMP_COUNT", "2")
+            .env("MANAGER_PCR_VALUES", inputs.path("pcrs.json"))
+            .env("MANAGER_STATE_DIR", inputs.path("state"))
+            .arg("--print-attestation-policy")
+            .output()
+            .expect("run the manager")
+    };
+    let out = run("true");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let measurement = b64d(doc["policy"]["measurement"].as_str().expect("measurement"));
+    assert_eq!(hex(&measurement), reference_digest(&inputs, CMDLINE));
+    assert_eq!(doc["pcr_values"], inputs.pcrs());
+    assert!(!inputs.path("state/vms").exists(), "nothing was started");
+
+    let out = run("false");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no launch measurement"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

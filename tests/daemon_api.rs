@@ -63,8 +63,8 @@ async fn grpc_health_and_reflection() {
     let err = client
         .attestation_policy(AttestationPolicyReq { id: "x".into() })
         .await
-        .expect_err("not yet");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("no such VM");
+    assert_eq!(err.code(), Code::NotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

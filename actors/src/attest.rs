@@ -89,6 +89,10 @@ pub struct Measurer {
 
 impl Actor for Measurer {
     type Context = SyncContext<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        crate::failfast::essential_stopped("Measurer");
+    }
 }
 
 fn precondition(what: impl std::fmt::Display) -> ApiError {
@@ -150,7 +154,8 @@ impl Measurer {
                     )
                 })
                 .transpose()?;
-            let initrd = direct
+            let has_initrd = !config.qemu_disk_img_rootfs_file.as_os_str().is_empty();
+            let initrd = (direct && has_initrd)
                 .then(|| {
                     self.content_digest(
                         "MANAGER_QEMU_DISK_IMG_ROOTFS_FILE",
@@ -200,7 +205,10 @@ impl Measurer {
                 let inputs = snp::SnpInputs {
                     ovmf,
                     kernel: direct.then_some(config.qemu_disk_img_kernel_file.as_path()),
-                    initrd: direct.then_some(config.qemu_disk_img_rootfs_file.as_path()),
+                    initrd: key
+                        .initrd
+                        .is_some()
+                        .then_some(config.qemu_disk_img_rootfs_file.as_path()),
                     cmdline: key.cmdline.as_deref(),
                     vcpus: config.qemu_smp_count,
                     cpu_model: config.qemu_cpu.as_str(),
