@@ -372,6 +372,20 @@ macro_rules! settings {
                 })
             }
 
+            /// A configuration from [`Config::values`] text, checked as a
+            /// loaded one is (a VM record keeps the settings it was launched with).
+            pub fn from_values(values: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+                let mut known: BTreeMap<&'static str, String> = BTreeMap::new();
+                for setting in SETTINGS {
+                    if let Some(value) = values.get(setting.env) {
+                        known.insert(setting.env, value.clone());
+                    }
+                }
+                let config = Config::from_text(&known)?;
+                config.validate()?;
+                Ok(config)
+            }
+
             /// Each setting's environment name and its value as text.
             pub fn values(&self) -> Vec<(&'static str, String)> {
                 vec![ $( ($env, SettingValue::show(&self.$field)), )* ]
@@ -393,9 +407,12 @@ settings! {
     grpc_server_cert: PathBuf = "MANAGER_GRPC_SERVER_CERT", "grpc.server_cert", "", "Server TLS certificate (PEM); empty = plaintext";
     grpc_server_key: PathBuf = "MANAGER_GRPC_SERVER_KEY", "grpc.server_key", "", "Server TLS private key (PEM)";
     grpc_client_ca_certs: PathBuf = "MANAGER_GRPC_CLIENT_CA_CERTS", "grpc.client_ca_certs", "", "CA for client certificates; set = mutual TLS required";
+    grpc_max_connections: u32 = "MANAGER_GRPC_MAX_CONNECTIONS", "grpc.max_connections", "256", "Most gRPC connections open at once; one more is accepted and closed at once, before any byte";
+    grpc_max_streams: u32 = "MANAGER_GRPC_MAX_STREAMS", "grpc.max_streams", "128", "Most requests in flight on one gRPC connection (HTTP/2 concurrent streams); the client queues the rest";
+    grpc_max_message_size: ByteSize = "MANAGER_GRPC_MAX_MESSAGE_SIZE", "grpc.max_message_size", "4M", "Largest gRPC message received or sent (a CreateReq carries up to three certificates of at most 1M each); a larger request is OUT_OF_RANGE";
     // Client-side settings (read by clients that reach the manager).
     grpc_url: String = "MANAGER_GRPC_URL", "client.grpc_url", "localhost:7001", "Client side: address of the manager";
-    grpc_timeout: Duration = "MANAGER_GRPC_TIMEOUT", "client.grpc_timeout", "60s", "Client side: timeout of one gRPC request";
+    grpc_timeout: Duration = "MANAGER_GRPC_TIMEOUT", "client.grpc_timeout", "60s", "Bound of one gRPC request, on both sides: the server answers DEADLINE_EXCEEDED after it (or after the client's shorter grpc-timeout), and clients use it as their timeout";
     grpc_client_cert: PathBuf = "MANAGER_GRPC_CLIENT_CERT", "client.grpc_client_cert", "", "Client side: client certificate";
     grpc_client_key: PathBuf = "MANAGER_GRPC_CLIENT_KEY", "client.grpc_client_key", "", "Client side: client private key";
     grpc_server_ca_certs: PathBuf = "MANAGER_GRPC_SERVER_CA_CERTS", "client.grpc_server_ca_certs", "", "Client side: CA that signed the manager's certificate";
@@ -483,6 +500,7 @@ settings! {
     vm_log_max_size: ByteSize = "MANAGER_VM_LOG_MAX_SIZE", "lifecycle.vm_log_max_size", "2M", "Size at which a VM's console log is rotated";
     vm_log_files: u32 = "MANAGER_VM_LOG_FILES", "lifecycle.vm_log_files", "3", "Console log files kept per VM, the live one included";
     shutdown_stop_vms: bool = "MANAGER_SHUTDOWN_STOP_VMS", "lifecycle.shutdown_stop_vms", "false", "On SIGTERM/SIGINT stop every VM (false: leave them running for the next manager to re-adopt)";
+    failed_vm_retention: Duration = "MANAGER_FAILED_VM_RETENTION", "lifecycle.failed_vm_retention", "1h", "A failed VM stays listed (CVMInfo answers, it counts toward MANAGER_MAX_VMS) this long, or until RemoveVm";
     // Supervision (OTP-style)
     restart_policy: RestartType = "MANAGER_RESTART_POLICY", "restart.policy", "transient", "When a crashed VM is restarted: permanent (always), transient (only after an abnormal exit), temporary (never)";
     restart_max_restarts: u32 = "MANAGER_RESTART_MAX_RESTARTS", "restart.max_restarts", "5", "Restart intensity: at most this many restarts within MANAGER_RESTART_PERIOD, then the VM is marked failed";
@@ -724,6 +742,28 @@ impl Config {
         if !self.grpc_client_ca_certs.as_os_str().is_empty() && !has_cert {
             return Err(ConfigError::Conflict(
                 "MANAGER_GRPC_CLIENT_CA_CERTS (mutual TLS) needs MANAGER_GRPC_SERVER_CERT and MANAGER_GRPC_SERVER_KEY".into(),
+            ));
+        }
+        if self.grpc_timeout.is_zero() {
+            return Err(Config::invalid(
+                "MANAGER_GRPC_TIMEOUT",
+                "0s",
+                "must be positive: it bounds every gRPC request",
+            ));
+        }
+        for (env, value) in [
+            ("MANAGER_GRPC_MAX_CONNECTIONS", self.grpc_max_connections),
+            ("MANAGER_GRPC_MAX_STREAMS", self.grpc_max_streams),
+        ] {
+            if value == 0 {
+                return Err(Config::invalid(env, "0", "must be at least 1"));
+            }
+        }
+        if self.grpc_max_message_size.0 < 64 << 10 {
+            return Err(Config::invalid(
+                "MANAGER_GRPC_MAX_MESSAGE_SIZE",
+                self.grpc_max_message_size.0.to_string(),
+                "must be at least 64K",
             ));
         }
         if self.vm_log_files == 0 {

@@ -11,25 +11,35 @@ pub enum DurationError {
     Invalid(String),
     #[error("negative duration {0:?} is not allowed")]
     Negative(String),
-    #[error("duration {0:?} is too large")]
+    #[error("duration {0:?} is too large: the longest is 2562047h47m16.854775807s")]
     Overflow(String),
 }
 
-const UNITS: &[(&str, u128)] = &[
+const UNITS: &[(&str, u64)] = &[
     ("ns", 1),
     ("us", 1_000),
-    ("µs", 1_000),
-    ("μs", 1_000),
+    ("\u{b5}s", 1_000),
+    ("\u{3bc}s", 1_000),
     ("ms", 1_000_000),
     ("s", 1_000_000_000),
     ("m", 60_000_000_000),
     ("h", 3_600_000_000_000),
 ];
 
+/// The longest duration Go can represent (an `int64` of nanoseconds,
+/// `2562047h47m16.854775807s`); anything longer is refused as an overflow.
+pub const MAX_GO_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
+
 /// Parses a Go duration. Negative durations are refused: nothing in the
 /// manager has a meaning for them.
+///
+/// Every step is checked integer arithmetic on nanoseconds: a value beyond
+/// [`MAX_GO_DURATION`] is [`DurationError::Overflow`], never a wrapped or
+/// rounded number, and no input panics. Fractions are exact: `1.1h` is
+/// `1h6m0s`, and digits below a nanosecond are truncated, as in Go.
 pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     let invalid = || DurationError::Invalid(text.to_string());
+    let overflow = || DurationError::Overflow(text.to_string());
     if text.is_empty() {
         return Err(DurationError::Empty);
     }
@@ -46,53 +56,52 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     if rest.is_empty() {
         return Err(invalid());
     }
-    let mut total_ns: u128 = 0;
+    let digits_len = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+    let max_ns = i64::MAX as u64;
+    let mut total_ns: u64 = 0;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number = &rest[..num_len];
-        rest = &rest[num_len..];
-        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+        let (int_digits, after_int) = rest.split_at(digits_len(rest));
+        let (frac_digits, after_number) = match after_int.strip_prefix('.') {
+            Some(r) => r.split_at(digits_len(r)),
+            None => ("", after_int),
+        };
+        // "." alone, ".s" or a unit without a number.
+        if int_digits.is_empty() && frac_digits.is_empty() {
             return Err(invalid());
         }
-        let unit_len = rest
+        let unit_len = after_number
             .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
+            .unwrap_or(after_number.len());
+        let (unit, after_unit) = after_number.split_at(unit_len);
+        rest = after_unit;
         let scale = UNITS
             .iter()
             .find(|(name, _)| *name == unit)
             .map(|(_, scale)| *scale)
             .ok_or_else(invalid)?;
-        let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
-        let int_value: u128 = if int_part.is_empty() {
-            0
-        } else {
-            int_part.parse().map_err(|_| invalid())?
-        };
-        let mut value = int_value
-            .checked_mul(scale)
-            .ok_or_else(|| DurationError::Overflow(text.to_string()))?;
-        // Fractions are exact to the nanosecond, as in Go.
-        let mut frac_scale = scale;
-        for digit in frac_part.chars().take(30) {
-            frac_scale /= 10;
-            let d = u128::from(digit.to_digit(10).ok_or_else(invalid)?);
-            value += d * frac_scale;
+        let mut whole: u64 = 0;
+        for digit in int_digits.bytes() {
+            whole = whole
+                .checked_mul(10)
+                .and_then(|w| w.checked_add(u64::from(digit - b'0')))
+                .ok_or_else(overflow)?;
         }
-        total_ns = total_ns
-            .checked_add(value)
-            .ok_or_else(|| DurationError::Overflow(text.to_string()))?;
+        let whole_ns = whole.checked_mul(scale).ok_or_else(overflow)?;
+        // floor(0.d1d2…dn × scale), exactly: Horner's rule from the last
+        // digit, where floor((d × scale + floor(y)) / 10) = floor((d × scale
+        // + y) / 10). The accumulator stays below `scale`, so 9 × scale plus
+        // it fits easily in a u64.
+        let mut frac_ns: u64 = 0;
+        for digit in frac_digits.bytes().rev() {
+            frac_ns = (u64::from(digit - b'0') * scale + frac_ns) / 10;
+        }
+        total_ns = whole_ns
+            .checked_add(frac_ns)
+            .and_then(|v| total_ns.checked_add(v))
+            .filter(|&t| t <= max_ns)
+            .ok_or_else(overflow)?;
     }
-    // Go durations are int64 nanoseconds.
-    if total_ns > i64::MAX as u128 {
-        return Err(DurationError::Overflow(text.to_string()));
-    }
-    let secs = (total_ns / 1_000_000_000) as u64;
-    let nanos = (total_ns % 1_000_000_000) as u32;
-    Ok(Duration::new(secs, nanos))
+    Ok(Duration::from_nanos(total_ns))
 }
 
 /// Formats a duration the way Go prints one (`1h30m0s`, `300ms`), for logs
@@ -159,7 +168,8 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         for bad in [
-            "", "5", "s", "1x", "1.2.3s", "abc", "1h 30m", "h1", "1..s", ".",
+            "", "5", "s", "1x", "1.2.3s", "abc", "1h 30m", "h1", "1..s", ".", ".s", "+", "1h-1m",
+            "1s ", " 1s", "1e3s", "\u{663}s", "1\u{0}s", "1ss",
         ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?} should be refused");
         }
@@ -171,6 +181,83 @@ mod tests {
             parse_go_duration("9999999999h"),
             Err(DurationError::Overflow(_))
         ));
+    }
+
+    fn overflows(text: &str) -> bool {
+        matches!(parse_go_duration(text), Err(DurationError::Overflow(_)))
+    }
+
+    #[test]
+    fn refuses_overflow_without_wrapping() {
+        // The TTL of issue 8: its integer part times 3.6e12 is just below
+        // u128::MAX, and an unchecked fraction used to wrap it to ~36 minutes.
+        assert!(overflows("94522879700260684295381835.999999999999h"));
+        assert!(overflows("94522879700260684295381836h"));
+        // Integer part beyond u64, beyond u128, very long.
+        assert!(overflows("18446744073709551616ns"));
+        assert!(overflows("340282366920938463463374607431768211456ns"));
+        assert!(overflows(&format!("{}s", "9".repeat(5000))));
+        // Each term fits, the sum does not.
+        assert!(overflows("2562047h2562047h"));
+        assert!(overflows("9223372036854775807ns1ns"));
+        // A fraction that carries the sum over the limit.
+        assert!(overflows("2562047h47m16.854775808s"));
+        assert!(overflows("2562047.9999999999h"));
+        assert!(overflows("2562048h"));
+        assert!(matches!(
+            parse_go_duration("106751.99116730063d"),
+            Err(DurationError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn boundaries_are_exact() {
+        assert_eq!(
+            parse_go_duration("9223372036854775807ns"),
+            Ok(MAX_GO_DURATION)
+        );
+        assert_eq!(
+            parse_go_duration("2562047h47m16.854775807s"),
+            Ok(MAX_GO_DURATION)
+        );
+        assert_eq!(
+            parse_go_duration("2562047h47m16.8547758079999999s"),
+            Ok(MAX_GO_DURATION),
+            "digits below a nanosecond are truncated"
+        );
+        assert_eq!(
+            parse_go_duration("0000000000000000000000000000001s"),
+            Ok(Duration::from_secs(1)),
+            "leading zeros are not an overflow"
+        );
+        assert_eq!(
+            format_go_duration(MAX_GO_DURATION),
+            "2562047h47m16.854775807s"
+        );
+    }
+
+    #[test]
+    fn fractions_are_exact() {
+        // 0.1h is 360s exactly; a float would give 359.99999…s.
+        assert_eq!(parse_go_duration("1.1h"), Ok(Duration::from_secs(3960)));
+        assert_eq!(parse_go_duration("0.1m"), Ok(Duration::from_secs(6)));
+        assert_eq!(
+            parse_go_duration("0.333333333333h"),
+            Ok(Duration::from_nanos(1_199_999_999_998)),
+            "truncated, not rounded"
+        );
+        assert_eq!(parse_go_duration("1.5ns"), Ok(Duration::from_nanos(1)));
+        assert_eq!(parse_go_duration("0.9999999999ns"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("1.s"), Ok(Duration::from_secs(1)));
+        assert_eq!(
+            parse_go_duration(&format!("0.{}1s", "0".repeat(4000))),
+            Ok(Duration::ZERO),
+            "a very long fraction is fine"
+        );
+        assert_eq!(
+            parse_go_duration(&format!("0.{}h", "9".repeat(60))),
+            Ok(Duration::from_nanos(3_599_999_999_999))
+        );
     }
 
     #[test]

@@ -4,13 +4,22 @@
 
 use std::time::Duration;
 
-use crate::duration::parse_go_duration;
-use crate::proto::CreateReq;
+use crate::duration::{format_go_duration, parse_go_duration, DurationError};
+use crate::proto::{AttestationPolicyReq, CreateReq, CvmInfoReq, RemoveReq};
+use crate::server_proto;
 
 /// Largest certificate or key accepted in a request.
 pub const MAX_CERT_BYTES: usize = 1 << 20;
 /// Largest text field accepted in a request.
 pub const MAX_FIELD_BYTES: usize = 8 << 10;
+/// Largest VM id accepted in a request (ids are UUIDs, 36 bytes); a longer
+/// one is refused rather than looked up and echoed in the answer.
+pub const MAX_ID_BYTES: usize = 256;
+/// The longest TTL a create may ask for: 10 years. Anything longer is
+/// refused, so a deadline computed from it can never overflow a clock.
+pub const MAX_TTL: Duration = Duration::from_secs(87_600 * 3_600);
+/// Longest part of a refused value quoted back in an error message.
+const QUOTE_MAX_CHARS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
@@ -97,6 +106,122 @@ fn check_text(field: &'static str, value: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// `value` quoted for an error message, cut short if long (the message goes
+/// back to the client in a header).
+fn quote(value: &str) -> String {
+    if value.chars().count() <= QUOTE_MAX_CHARS {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(QUOTE_MAX_CHARS).collect();
+        format!("{head:?}… ({} bytes)", value.len())
+    }
+}
+
+/// A create's TTL: a positive Go duration of at most [`MAX_TTL`].
+pub fn parse_ttl(text: &str) -> Result<Duration, FieldError> {
+    let max = format_go_duration(MAX_TTL);
+    let ttl = parse_go_duration(text).map_err(|e| {
+        let reason = match e {
+            DurationError::Empty => "is empty".to_string(),
+            DurationError::Invalid(_) => format!(
+                "{} is not a duration: expected numbers with units (ns, us, ms, s, m, h), e.g. 90s or 1h30m",
+                quote(text)
+            ),
+            DurationError::Negative(_) => format!("{} is negative", quote(text)),
+            DurationError::Overflow(_) => format!(
+                "{} is too large: the longest TTL is {max} (10 years)",
+                quote(text)
+            ),
+        };
+        field_error("ttl", reason)
+    })?;
+    if ttl.is_zero() {
+        return Err(field_error(
+            "ttl",
+            "must be positive (leave it empty for no TTL)",
+        ));
+    }
+    if ttl > MAX_TTL {
+        return Err(field_error(
+            "ttl",
+            format!(
+                "{} is longer than the longest TTL, {max} (10 years)",
+                format_go_duration(ttl)
+            ),
+        ));
+    }
+    Ok(ttl)
+}
+
+/// A string field of a request as the client sent it: bytes that must be
+/// UTF-8 (protobuf requires it of `string` fields, and the server checks it
+/// itself, see `proto/manager_server.proto`).
+pub fn utf8_field(field: &'static str, bytes: Vec<u8>) -> Result<String, FieldError> {
+    String::from_utf8(bytes).map_err(|e| {
+        field_error(
+            field,
+            format!(
+                "is not valid UTF-8 (bad byte at offset {}); string fields must be UTF-8",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
+/// A VM id field: UTF-8 and at most [`MAX_ID_BYTES`].
+fn id_field(field: &'static str, bytes: Vec<u8>) -> Result<String, FieldError> {
+    if bytes.len() > MAX_ID_BYTES {
+        return Err(field_error(
+            field,
+            format!("longer than {MAX_ID_BYTES} bytes; a VM id is a UUID"),
+        ));
+    }
+    utf8_field(field, bytes)
+}
+
+/// A `CreateReq` read off the wire, as the public type, once every string
+/// field is known to be UTF-8. The content checks are [`validate_create`]'s.
+pub fn create_from_wire(raw: server_proto::CreateReq) -> Result<CreateReq, FieldError> {
+    Ok(CreateReq {
+        agent_log_level: utf8_field("agent_log_level", raw.agent_log_level)?,
+        agent_cvm_server_ca_cert: raw.agent_cvm_server_ca_cert,
+        agent_cvm_client_key: raw.agent_cvm_client_key,
+        agent_cvm_client_cert: raw.agent_cvm_client_cert,
+        agent_cvm_server_url: utf8_field("agent_cvm_server_url", raw.agent_cvm_server_url)?,
+        agent_cvm_ca_url: utf8_field("agent_cvm_ca_url", raw.agent_cvm_ca_url)?,
+        ttl: utf8_field("ttl", raw.ttl)?,
+        agent_certs_token: utf8_field("agent_certs_token", raw.agent_certs_token)?,
+        aws_access_key_id: utf8_field("aws_access_key_id", raw.aws_access_key_id)?,
+        aws_secret_access_key: utf8_field("aws_secret_access_key", raw.aws_secret_access_key)?,
+        aws_endpoint_url: utf8_field("aws_endpoint_url", raw.aws_endpoint_url)?,
+        aws_region: utf8_field("aws_region", raw.aws_region)?,
+        aa_kbs_params: utf8_field("aa_kbs_params", raw.aa_kbs_params)?,
+    })
+}
+
+/// A `RemoveReq` read off the wire, as the public type.
+pub fn remove_from_wire(raw: server_proto::RemoveReq) -> Result<RemoveReq, FieldError> {
+    Ok(RemoveReq {
+        cvm_id: id_field("cvm_id", raw.cvm_id)?,
+    })
+}
+
+/// A `CVMInfoReq` read off the wire, as the public type.
+pub fn cvm_info_from_wire(raw: server_proto::CvmInfoReq) -> Result<CvmInfoReq, FieldError> {
+    Ok(CvmInfoReq {
+        id: id_field("id", raw.id)?,
+    })
+}
+
+/// An `AttestationPolicyReq` read off the wire, as the public type.
+pub fn attestation_policy_from_wire(
+    raw: server_proto::AttestationPolicyReq,
+) -> Result<AttestationPolicyReq, FieldError> {
+    Ok(AttestationPolicyReq {
+        id: id_field("id", raw.id)?,
+    })
+}
+
 /// Checks every field of a create request; nothing is made before this passes.
 pub fn validate_create(req: &CreateReq) -> Result<ValidatedCreate, FieldError> {
     for (field, value) in [
@@ -139,14 +264,7 @@ pub fn validate_create(req: &CreateReq) -> Result<ValidatedCreate, FieldError> {
     let ttl = if req.ttl.is_empty() {
         None
     } else {
-        let ttl = parse_go_duration(&req.ttl).map_err(|e| field_error("ttl", e.to_string()))?;
-        if ttl.is_zero() {
-            return Err(field_error(
-                "ttl",
-                "must be positive (leave it empty for no TTL)",
-            ));
-        }
-        Some(ttl)
+        Some(parse_ttl(&req.ttl)?)
     };
     let mut certs = Vec::new();
     for (name, content, secret) in [
@@ -272,6 +390,116 @@ mod tests {
             let err = validate_create(&req).expect_err(field);
             assert_eq!(err.field, field);
         }
+    }
+
+    #[test]
+    fn ttl_bounds() {
+        assert_eq!(parse_ttl("87600h"), Ok(MAX_TTL));
+        assert_eq!(parse_ttl("1ns"), Ok(Duration::from_nanos(1)));
+        for (ttl, needle) in [
+            (
+                "87600h0m0.000000001s",
+                "longer than the longest TTL, 87600h0m0s",
+            ),
+            ("87601h", "longer than the longest TTL"),
+            ("2562047h47m16.854775807s", "longer than the longest TTL"),
+            (
+                "94522879700260684295381835.999999999999h",
+                "too large: the longest TTL is 87600h0m0s",
+            ),
+            ("2562048h", "too large"),
+            ("0s", "must be positive"),
+            ("-1h", "negative"),
+            ("1y", "not a duration"),
+        ] {
+            let err = parse_ttl(ttl).expect_err(ttl);
+            assert_eq!(err.field, "ttl");
+            assert!(err.reason.contains(needle), "{ttl}: {}", err.reason);
+        }
+        let long = format!("{}h", "9".repeat(5000));
+        let err = validate_create(&CreateReq {
+            ttl: long,
+            ..Default::default()
+        })
+        .expect_err("overflow");
+        assert!(
+            err.to_string().len() < 300,
+            "the value is not echoed whole: {err}"
+        );
+    }
+
+    fn wire_of(req: &CreateReq) -> server_proto::CreateReq {
+        use prost::Message;
+        server_proto::CreateReq::decode(req.encode_to_vec().as_slice()).expect("same wire")
+    }
+
+    #[test]
+    fn the_server_reading_decodes_what_public_clients_send() {
+        use prost::Message;
+        let mut req = full_request();
+        req.agent_log_level = "débug ✓".into();
+        assert_eq!(create_from_wire(wire_of(&req)), Ok(req.clone()));
+        assert_eq!(
+            create_from_wire(wire_of(&CreateReq::default())),
+            Ok(CreateReq::default())
+        );
+        let remove = RemoveReq {
+            cvm_id: "e71cdcf5-21c0-4e1d-9471-ac6b4389d5f3".into(),
+        };
+        let raw = server_proto::RemoveReq::decode(remove.encode_to_vec().as_slice()).expect("wire");
+        assert_eq!(remove_from_wire(raw), Ok(remove));
+        let info = CvmInfoReq { id: "x".into() };
+        let raw = server_proto::CvmInfoReq::decode(info.encode_to_vec().as_slice()).expect("wire");
+        assert_eq!(cvm_info_from_wire(raw), Ok(info));
+        let policy = AttestationPolicyReq { id: "y".into() };
+        let raw = server_proto::AttestationPolicyReq::decode(policy.encode_to_vec().as_slice())
+            .expect("wire");
+        assert_eq!(attestation_policy_from_wire(raw), Ok(policy));
+    }
+
+    #[test]
+    fn invalid_utf8_names_the_field() {
+        let bad = || vec![b'o', b'k', 0xff, 0xfe];
+        type Poke = fn(&mut server_proto::CreateReq, Vec<u8>);
+        let fields: [(&str, Poke); 10] = [
+            ("agent_log_level", |r, v| r.agent_log_level = v),
+            ("agent_cvm_server_url", |r, v| r.agent_cvm_server_url = v),
+            ("agent_cvm_ca_url", |r, v| r.agent_cvm_ca_url = v),
+            ("ttl", |r, v| r.ttl = v),
+            ("agent_certs_token", |r, v| r.agent_certs_token = v),
+            ("aws_access_key_id", |r, v| r.aws_access_key_id = v),
+            ("aws_secret_access_key", |r, v| r.aws_secret_access_key = v),
+            ("aws_endpoint_url", |r, v| r.aws_endpoint_url = v),
+            ("aws_region", |r, v| r.aws_region = v),
+            ("aa_kbs_params", |r, v| r.aa_kbs_params = v),
+        ];
+        for (field, poke) in fields {
+            let mut raw = wire_of(&full_request());
+            poke(&mut raw, bad());
+            let err = create_from_wire(raw).expect_err(field);
+            assert_eq!(err.field, field);
+            assert!(
+                err.reason.contains("UTF-8") && err.reason.contains("offset 2"),
+                "{err}"
+            );
+        }
+        // Bytes fields carry anything.
+        let mut raw = wire_of(&full_request());
+        raw.agent_cvm_client_key = bad();
+        assert!(create_from_wire(raw).is_ok());
+
+        let err = remove_from_wire(server_proto::RemoveReq { cvm_id: bad() }).expect_err("utf8");
+        assert_eq!(err.field, "cvm_id");
+        let err = cvm_info_from_wire(server_proto::CvmInfoReq { id: bad() }).expect_err("utf8");
+        assert_eq!(err.field, "id");
+        let err = attestation_policy_from_wire(server_proto::AttestationPolicyReq { id: bad() })
+            .expect_err("utf8");
+        assert_eq!(err.field, "id");
+        let err = cvm_info_from_wire(server_proto::CvmInfoReq {
+            id: vec![b'a'; MAX_ID_BYTES + 1],
+        })
+        .expect_err("long id");
+        assert!(err.reason.contains("longer than"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod attestation;
 pub mod config;
 pub mod duration;
 pub mod guest;
+pub mod lifecycle;
 pub mod ports;
 pub mod qemu;
 pub mod record;
@@ -21,4 +22,13 @@ pub mod proto {
     /// Encoded descriptor set of `manager.proto`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/manager_descriptor.bin"));
+}
+
+/// The server's own reading of the `manager` wire (`proto/manager_server.proto`):
+/// the same service and messages, with the requests' string fields as bytes
+/// so that the server checks UTF-8 itself and names the field. Server only;
+/// the answers are the public [`proto`] types. Not a contract: clients use
+/// [`proto`], and reflection serves `manager.proto`.
+pub mod server_proto {
+    include!(concat!(env!("OUT_DIR"), "/server/manager.rs"));
 }

@@ -2,12 +2,14 @@
 //! the VM's QEMU again, prove it is the same process, and control it. The
 //! actors write it atomically; this module only shapes and checks it.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::attestation::document::AttestationState;
-use crate::qemu::VmPaths;
+use crate::config::Config;
+use crate::qemu::{command_line, LaunchSpec, VmPaths};
 
 pub const RECORD_VERSION: u32 = 1;
 pub const RECORD_FILE: &str = "record.json";
@@ -46,6 +48,33 @@ pub struct VmRecord {
     /// touched again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swtpm: Option<ProcessRecord>,
+    /// What the command was made from: the settings in force when the VM
+    /// was created and the request's part. The command a restart runs is
+    /// made again from these, never taken from the record as it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchFacts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchFacts {
+    pub settings: BTreeMap<String, String>,
+    pub aa_kbs_params: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_data: Option<String>,
+}
+
+impl LaunchFacts {
+    pub fn new(config: &Config, aa_kbs_params: &str, host_data: Option<&str>) -> LaunchFacts {
+        LaunchFacts {
+            settings: config
+                .values()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            aa_kbs_params: aa_kbs_params.to_string(),
+            host_data: host_data.map(str::to_string),
+        }
+    }
 }
 
 /// A process the manager started, as a restarted manager proves it is the
@@ -65,6 +94,8 @@ pub enum RecordError {
     Version(u32),
     #[error("record does not belong in {0}: {1}")]
     Misplaced(String, String),
+    #[error("record of {0}: {1}")]
+    Tampered(String, String),
 }
 
 impl VmRecord {
@@ -99,7 +130,12 @@ impl VmRecord {
         if record.paths.dir != dir {
             return Err(misplaced(format!("folder {}", record.paths.dir.display())));
         }
-        let inside = |p: &Path| p.parent() == Some(dir.as_path());
+        // A plain name right inside the VM's own folder: `<dir>/..` has the
+        // right parent but names the folder above.
+        let inside = |p: &Path| {
+            p.parent() == Some(dir.as_path())
+                && matches!(p.components().next_back(), Some(Component::Normal(_)))
+        };
         let share_ok = |p: &Path| {
             inside(p)
                 || mount_bases
@@ -134,7 +170,39 @@ impl VmRecord {
         {
             return Err(RecordError::Parse("no command or pid".into()));
         }
+        let argv = record.rebuilt_argv()?;
+        if argv != record.argv {
+            return Err(RecordError::Tampered(
+                folder.to_string(),
+                "its command does not follow from its launch facts".into(),
+            ));
+        }
         Ok(record)
+    }
+
+    /// The command made again from the record's launch facts.
+    pub fn rebuilt_argv(&self) -> Result<Vec<String>, RecordError> {
+        let tampered = |why: String| RecordError::Tampered(self.id.clone(), why);
+        let facts = self
+            .launch
+            .as_ref()
+            .ok_or_else(|| tampered("no launch facts (written by an older manager)".into()))?;
+        let config = Config::from_values(&facts.settings)
+            .map_err(|e| tampered(format!("its settings: {e}")))?;
+        let paths = VmPaths::new(&config, &self.id);
+        if paths != self.paths {
+            return Err(tampered("its paths do not follow from its settings".into()));
+        }
+        Ok(command_line(
+            &config,
+            &LaunchSpec {
+                id: &self.id,
+                port: self.port,
+                paths: &paths,
+                aa_kbs_params: &facts.aa_kbs_params,
+                host_data: facts.host_data.as_deref(),
+            },
+        ))
     }
 }
 
@@ -154,6 +222,12 @@ mod tests {
     const ID: &str = "e71cdcf5-21c0-4e1d-9471-ac6b4389d5f3";
 
     fn record() -> (VmRecord, PathBuf) {
+        let (mut r, state) = record_as_written();
+        r.argv = r.rebuilt_argv().expect("facts make a command");
+        (r, state)
+    }
+
+    fn record_as_written() -> (VmRecord, PathBuf) {
         let config = Config::defaults();
         let paths = VmPaths::new(&config, ID);
         (
@@ -176,6 +250,7 @@ mod tests {
                 },
                 attestation: None,
                 swtpm: None,
+                launch: Some(LaunchFacts::new(&config, "", None)),
             },
             config.state_dir,
         )
@@ -230,7 +305,12 @@ mod tests {
         ));
         // Shares under a configured mount base are fine.
         let mut shared = r.clone();
+        let facts = shared.launch.as_mut().expect("facts");
+        facts
+            .settings
+            .insert("MANAGER_QEMU_CERTS_MOUNT".into(), "/srv/certs".into());
         shared.paths.certs_dir = PathBuf::from("/srv/certs").join(ID);
+        shared.argv = shared.rebuilt_argv().expect("command");
         let base = PathBuf::from("/srv/certs");
         assert!(VmRecord::parse(&shared.to_json(), &state, ID, &[base.as_path()]).is_ok());
     }
@@ -260,13 +340,55 @@ mod tests {
         for key in ["attestation", "swtpm"] {
             old.as_object_mut().expect("object").remove(key);
         }
-        for key in ["tpm_dir", "swtpm_socket", "swtpm_log"] {
-            old["paths"].as_object_mut().expect("paths").remove(key);
-        }
         let parsed = VmRecord::parse(old.to_string().as_bytes(), &state, ID, &[]).expect("old");
         assert_eq!(parsed.attestation, None);
         let mut evil = r.clone();
         evil.paths.tpm_dir = "/etc".into();
+        assert!(matches!(
+            VmRecord::parse(&evil.to_json(), &state, ID, &[]),
+            Err(RecordError::Misplaced(..))
+        ));
+    }
+
+    #[test]
+    fn a_command_that_does_not_follow_from_the_facts_is_refused() {
+        let (r, state) = record();
+        let mut evil = r.clone();
+        evil.argv.push("-drive".into());
+        evil.argv.push("file=/dev/sda".into());
+        assert!(matches!(
+            VmRecord::parse(&evil.to_json(), &state, ID, &[]),
+            Err(RecordError::Tampered(..))
+        ));
+        let mut evil = r.clone();
+        evil.launch
+            .as_mut()
+            .expect("facts")
+            .settings
+            .insert("MANAGER_QEMU_BIN_PATH".into(), "/tmp/evil".into());
+        assert!(matches!(
+            VmRecord::parse(&evil.to_json(), &state, ID, &[]),
+            Err(RecordError::Tampered(..))
+        ));
+        let mut legacy = r.clone();
+        legacy.launch = None;
+        assert!(matches!(
+            VmRecord::parse(&legacy.to_json(), &state, ID, &[]),
+            Err(RecordError::Tampered(..))
+        ));
+    }
+
+    #[test]
+    fn a_path_that_climbs_out_of_the_folder_is_refused() {
+        let (r, state) = record();
+        let mut evil = r.clone();
+        evil.paths.qemu_log = r.paths.dir.join("..");
+        assert!(matches!(
+            VmRecord::parse(&evil.to_json(), &state, ID, &[]),
+            Err(RecordError::Misplaced(..))
+        ));
+        let mut evil = r.clone();
+        evil.paths.console_log = r.paths.dir.join(".");
         assert!(matches!(
             VmRecord::parse(&evil.to_json(), &state, ID, &[]),
             Err(RecordError::Misplaced(..))

@@ -397,7 +397,9 @@ async fn pcr_values_are_checked_at_start_and_on_sighup() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("MANAGER_PCR_VALUES") && stderr.contains("bad-pcrs.json") && stderr.contains("PCR 0"),
+        stderr.contains("MANAGER_PCR_VALUES")
+            && stderr.contains("bad-pcrs.json")
+            && stderr.contains("PCR 0"),
         "{stderr}"
     );
 
@@ -405,15 +407,29 @@ async fn pcr_values_are_checked_at_start_and_on_sighup() {
     // a good one is used for VMs created afterwards, not for those before.
     let manager = snp_manager(&inputs, &[]);
     let mut client = manager.client().await;
-    let first = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    let first = client
+        .create_vm(request(""))
+        .await
+        .expect("CreateVm")
+        .into_inner()
+        .cvm_id;
     let pcr_file = inputs.path("pcrs.json");
     let original = std::fs::read(&pcr_file).expect("pcrs");
     std::fs::write(&pcr_file, b"{\"sha256\": {\"99\": \"00\"}}").expect("write");
     hup(&manager);
     let refused = || manager.log().contains("reload refused");
-    assert!(eventually(Duration::from_secs(10), refused).await, "{}", manager.log());
+    assert!(
+        eventually(Duration::from_secs(10), refused).await,
+        "{}",
+        manager.log()
+    );
     assert!(manager.log().contains("0 to 23"), "the reason is logged");
-    let second = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    let second = client
+        .create_vm(request(""))
+        .await
+        .expect("CreateVm")
+        .into_inner()
+        .cvm_id;
     let doc = policy(&mut client, &second).await.expect("policy");
     assert_eq!(
         doc["pcr_values"],
@@ -425,9 +441,21 @@ async fn pcr_values_are_checked_at_start_and_on_sighup() {
     std::fs::write(&pcr_file, new_pcrs.to_string()).expect("write");
     hup(&manager);
     let reread = || manager.log().contains("attestation files read again");
-    assert!(eventually(Duration::from_secs(10), reread).await, "{}", manager.log());
-    let third = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
-    assert_eq!(policy(&mut client, &third).await.expect("policy")["pcr_values"], new_pcrs);
+    assert!(
+        eventually(Duration::from_secs(10), reread).await,
+        "{}",
+        manager.log()
+    );
+    let third = client
+        .create_vm(request(""))
+        .await
+        .expect("CreateVm")
+        .into_inner()
+        .cvm_id;
+    assert_eq!(
+        policy(&mut client, &third).await.expect("policy")["pcr_values"],
+        new_pcrs
+    );
     assert_eq!(
         policy(&mut client, &first).await.expect("policy")["pcr_values"],
         serde_json::from_slice::<serde_json::Value>(&original).expect("json"),
@@ -460,20 +488,32 @@ async fn the_original_policy_binary_gives_the_base_document() {
     std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let manager = snp_manager(
         &inputs,
-        &[("MANAGER_ATTESTATION_POLICY_BINARY", &tool.display().to_string())],
+        &[(
+            "MANAGER_ATTESTATION_POLICY_BINARY",
+            &tool.display().to_string(),
+        )],
     );
     assert!(
         !manager.log().contains("no chip_id"),
         "the base document gives the chip id: no warning"
     );
     let mut client = manager.client().await;
-    let id = client.create_vm(request("")).await.expect("CreateVm").into_inner().cvm_id;
+    let id = client
+        .create_vm(request(""))
+        .await
+        .expect("CreateVm")
+        .into_inner()
+        .cvm_id;
     let doc = policy(&mut client, &id).await.expect("policy");
     assert_eq!(doc["policy"]["chip_id"], serde_json::json!(chip));
     assert_eq!(doc["policy"]["minimum_tcb"], serde_json::json!(7));
     assert_eq!(doc["root_of_trust"]["product"], serde_json::json!("Milan"));
     let measurement = b64d(doc["policy"]["measurement"].as_str().expect("ours"));
-    assert_eq!(hex(&measurement), reference_digest(&inputs, CMDLINE), "the measurement is ours");
+    assert_eq!(
+        hex(&measurement),
+        reference_digest(&inputs, CMDLINE),
+        "the measurement is ours"
+    );
     client
         .remove_vm(cocos_core::proto::RemoveReq { cvm_id: id })
         .await
@@ -485,7 +525,10 @@ async fn the_original_policy_binary_gives_the_base_document() {
 async fn without_platform_facts_the_start_warns_once() {
     let inputs = Inputs::new(true);
     let manager = snp_manager(&inputs, &[]);
-    let warnings = manager.log().matches("no chip_id and no TCB floors").count();
+    let warnings = manager
+        .log()
+        .matches("no chip_id and no TCB floors")
+        .count();
     assert_eq!(warnings, 1, "{}", manager.log());
 }
 
@@ -510,7 +553,11 @@ fn print_attestation_policy_shows_what_an_empty_request_would_get() {
             .expect("run the manager")
     };
     let out = run("true");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     let measurement = b64d(doc["policy"]["measurement"].as_str().expect("measurement"));
     assert_eq!(hex(&measurement), reference_digest(&inputs, CMDLINE));

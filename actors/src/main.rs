@@ -8,6 +8,7 @@
 mod attest;
 mod cvm;
 mod error;
+mod failfast;
 mod front;
 mod host;
 mod notify;
@@ -17,6 +18,8 @@ mod reaper;
 mod records;
 mod signals;
 mod supervisor;
+#[cfg(feature = "test-hooks")]
+mod testhooks;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,7 +44,7 @@ use crate::attest::Measurer;
 use crate::ports::{PortAllocator, SetRange};
 use crate::reaper::ZombieReaper;
 use crate::signals::SignalPipe;
-use crate::supervisor::{Readopt, Shutdown, Supervisor, UpdateConfig};
+use crate::supervisor::{Ping, Readopt, Shutdown, Supervisor, UpdateConfig};
 
 const USAGE: &str = "\
 Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-attestation-policy | --print-default-config]
@@ -94,7 +97,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 return Ok(None);
             }
             "--version" | "-V" => {
-                println!("cocos-manager {}", env!("CARGO_PKG_VERSION"));
+                println!("cocos-manager {}{BUILD_NOTE}", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
             }
             other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
@@ -102,6 +105,13 @@ fn parse_args() -> Result<Option<Args>, String> {
     }
     Ok(Some(args))
 }
+
+/// Said by `--version` of a build with the test hooks, which tests check
+/// for (and for its absence in the normal build).
+#[cfg(feature = "test-hooks")]
+const BUILD_NOTE: &str = " (test hooks)";
+#[cfg(not(feature = "test-hooks"))]
+const BUILD_NOTE: &str = "";
 
 /// Everything a (re)load reads: the file named at start and the environment
 /// the process started with.
@@ -129,15 +139,40 @@ impl ConfigSource {
             host: host::detect(),
             cwd,
         };
-        config::load(&inputs).map_err(|e| e.to_string())
+        let loaded = config::load(&inputs).map_err(|e| e.to_string())?;
+        refuse_unsupported(&loaded.config)?;
+        Ok(loaded)
     }
+}
+
+/// Settings the configuration accepts but this daemon cannot honour; refused
+/// at start and on reload.
+fn refuse_unsupported(config: &Config) -> Result<(), String> {
+    if config.qemu_use_sudo {
+        return Err(
+            "invalid MANAGER_QEMU_USE_SUDO (file key `qemu.use_sudo`) = \"true\": not supported: \
+             the manager would watch and signal `sudo` instead of QEMU, so stops, restarts and \
+             re-adoption would miss the VM. Set it to false and run the manager as root (as the \
+             systemd unit does); running QEMU as an unprivileged user is planned as \
+             MANAGER_QEMU_USER"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 fn init_logging(config: &Config) -> (FilterHandle, tracing_appender::non_blocking::WorkerGuard) {
     use tracing_subscriber::prelude::*;
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    #[cfg(not(feature = "test-hooks"))]
+    let stderr = std::io::stderr();
+    #[cfg(feature = "test-hooks")]
+    let stderr = testhooks::LogWriter(std::io::stderr());
+    // The writer's thread has a name the panic hook knows (see failfast).
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .thread_name(failfast::LOG_WRITER_THREAD)
+        .finish(stderr);
     let (filter, handle) = reload::Layer::new(EnvFilter::new(config.log_level.as_str()));
     tracing_subscriber::registry()
         .with(filter)
@@ -215,17 +250,22 @@ fn main() -> ExitCode {
         return system.block_on(print_attestation_policy(loaded.config));
     }
 
-    let (filter, _log_guard) = init_logging(&loaded.config);
-    // A panic ends only the actor it happens in (tokio contains it); make
-    // sure it is in the log.
-    std::panic::set_hook(Box::new(|info| {
-        error!(panic = %info, "internal error (panic); the affected actor stopped");
-    }));
+    let (filter, log_guard) = init_logging(&loaded.config);
+    // A panic on any thread is logged and ends the process (fail-fast).
+    failfast::install(log_guard);
     for warning in &loaded.warnings {
         warn!("{warning}");
     }
     let system = actix::System::new();
-    system.block_on(run(source, loaded.config, filter))
+    let code = system.block_on(async {
+        let code = run(source, loaded.config, filter).await;
+        // Whatever `run` returned, the actors stopping now is expected.
+        failfast::disarm();
+        code
+    });
+    drop(system);
+    failfast::flush_log();
+    code
 }
 
 async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> ExitCode {
@@ -256,6 +296,8 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     let reaper = ZombieReaper::default().start();
     let ports = PortAllocator::new(config.port_range(), bind).start();
     let measurer = SyncArbiter::start(1, Measurer::default);
+    // From here an essential actor that stops ends the process.
+    failfast::arm();
     let doc_inputs = match attest::load_inputs(&config, &reaper).await {
         Ok(loaded) => {
             for warning in &loaded.warnings {
@@ -268,6 +310,8 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             return ExitCode::from(2);
         }
     };
+    #[cfg(feature = "test-hooks")]
+    let hook_measurer = measurer.clone();
     let supervisor = Supervisor::new(
         config.clone(),
         doc_inputs,
@@ -276,6 +320,23 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         measurer,
     )
     .start();
+    // A control plane that hangs without panicking: the pings (each after a
+    // round trip through the supervisor's mailbox, on the runtime that also
+    // serves the API) stop, and systemd's watchdog ends the process.
+    if let Some(interval) = notify::watchdog_interval() {
+        let supervisor = supervisor.clone();
+        actix::spawn(notify::watchdog(interval, move || supervisor.send(Ping)));
+    }
+    #[cfg(feature = "test-hooks")]
+    if let Err(e) = testhooks::install(testhooks::Targets {
+        supervisor: supervisor.clone(),
+        reaper: reaper.clone(),
+        ports: ports.clone(),
+        measurer: hook_measurer,
+    }) {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
     // Requests are served only once the VMs left running are ours again.
     match supervisor.send(Readopt).await {
         Ok(count) => info!(count, "VMs re-adopted"),
@@ -335,6 +396,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
                 notify::notify("READY=1");
             }
             result = &mut grpc_task => {
+                failfast::disarm();
                 error!(?result, "gRPC server ended");
                 let _ = stop_tx.send(true);
                 supervisor.send(Shutdown { stop_vms: false }).await.ok();
@@ -342,6 +404,8 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             }
         }
     };
+    // An orderly end: actors stopping from here on is expected.
+    failfast::disarm();
     info!(
         signal = reason,
         "shutting down: no new requests, finishing those in flight"
@@ -518,4 +582,22 @@ async fn print_attestation_policy(config: Config) -> ExitCode {
     };
     System::current().stop();
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_through_sudo_is_refused_naming_the_alternative() {
+        let mut config = Config::defaults();
+        assert!(refuse_unsupported(&config).is_ok());
+        config.qemu_use_sudo = true;
+        let Err(message) = refuse_unsupported(&config) else {
+            panic!("MANAGER_QEMU_USE_SUDO=true must be refused");
+        };
+        assert!(message.contains("MANAGER_QEMU_USE_SUDO"), "{message}");
+        assert!(message.contains("run the manager as root"), "{message}");
+        assert!(message.contains("MANAGER_QEMU_USER"), "{message}");
+    }
 }

@@ -57,6 +57,10 @@ impl PortAllocator {
 
 impl Actor for PortAllocator {
     type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        crate::failfast::essential_stopped("PortAllocator");
+    }
 }
 
 fn host_has_free(bind: IpAddr, port: u16) -> bool {

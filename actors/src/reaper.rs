@@ -69,6 +69,10 @@ impl Actor for ZombieReaper {
         // Children that ended before the handler was in place.
         ctx.address().do_send(ReapNow);
     }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        crate::failfast::essential_stopped("ZombieReaper");
+    }
 }
 
 fn install_sigchld(addr: Addr<ZombieReaper>) -> io::Result<()> {

@@ -56,7 +56,9 @@ pub fn scan(config: &Config) -> Vec<Found> {
     for entry in entries.flatten() {
         let folder = entry.file_name().to_string_lossy().into_owned();
         let dir = entry.path();
-        if !dir.is_dir() {
+        // A real folder only: a symlink planted in vms/ must not lead the
+        // manager to adopt, or later delete, anything outside it.
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let path = dir.join(RECORD_FILE);

@@ -13,6 +13,7 @@ use actix::prelude::*;
 use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
+use cocos_core::lifecycle::StopReason;
 use cocos_core::proto::{CreateRes, CvmInfoRes};
 use cocos_core::qemu::kernel_cmdline;
 use cocos_core::record::LaunchInfo;
@@ -91,7 +92,8 @@ pub struct Supervisor {
     reaper: Addr<ZombieReaper>,
     measurer: Addr<Measurer>,
     vms: HashMap<String, VmEntry>,
-    /// Entries that are failed tombstones; they do not count against the limit.
+    /// Entries that are failed tombstones. They count against the limit
+    /// until removed or pruned after `MANAGER_FAILED_VM_RETENTION`.
     failed: usize,
     accepting: bool,
 }
@@ -125,13 +127,43 @@ impl Supervisor {
         }
     }
 
+    /// VMs that count toward `MANAGER_MAX_VMS`: all listed ones, failed
+    /// tombstones included until they are pruned.
     fn live_count(&self) -> usize {
-        self.vms.len().saturating_sub(self.failed)
+        self.vms.len()
     }
 }
 
 impl Actor for Supervisor {
     type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        crate::failfast::essential_stopped("Supervisor");
+    }
+}
+
+/// The watchdog's round trip: answered as soon as the mailbox gets to it,
+/// so a wedged supervisor stops the systemd watchdog pings.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+impl Handler<Ping> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Ping, _ctx: &mut Self::Context) {}
+}
+
+/// Test hook (feature `test-hooks` only): a panic in every `CvmActor`.
+#[cfg(feature = "test-hooks")]
+impl Handler<crate::testhooks::PanicVms> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: crate::testhooks::PanicVms, _ctx: &mut Self::Context) {
+        for entry in self.vms.values() {
+            entry.addr.do_send(crate::testhooks::Panic("CvmActor"));
+        }
+    }
 }
 
 impl Handler<CreateVm> for Supervisor {
@@ -221,7 +253,9 @@ impl Handler<RemoveVm> for Supervisor {
             info!(vm = %id, "failed VM removed from the list");
             return Box::pin(async { Ok(()) });
         }
-        let stop = entry.addr.send(Stop { reason: "RemoveVm" });
+        let stop = entry.addr.send(Stop {
+            reason: StopReason::Remove,
+        });
         Box::pin(async move { stop.await.map_err(ApiError::from).and_then(|r| r) })
     }
 }
@@ -249,7 +283,7 @@ impl Handler<VmInfo> for Supervisor {
 impl Handler<VmGone> for Supervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: VmGone, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: VmGone, ctx: &mut Self::Context) {
         if msg.keep_listed {
             if let Some(entry) = self.vms.get_mut(&msg.id) {
                 if !entry.failed {
@@ -258,7 +292,16 @@ impl Handler<VmGone> for Supervisor {
                 }
                 entry.port = None;
             }
-            warn!(vm = %msg.id, "VM marked failed");
+            let retention = self.config.failed_vm_retention;
+            warn!(vm = %msg.id, retention = ?retention, "VM marked failed; listed until removed or the retention time passes");
+            let id = msg.id;
+            ctx.run_later(retention, move |act, _ctx| {
+                if act.vms.get(&id).is_some_and(|e| e.failed) {
+                    act.vms.remove(&id);
+                    act.failed = act.failed.saturating_sub(1);
+                    info!(vm = %id, "failed VM forgotten after MANAGER_FAILED_VM_RETENTION");
+                }
+            });
         } else if self.vms.remove(&msg.id).is_some() {
             if msg.state == VmState::Failed {
                 warn!(vm = %msg.id, total = self.vms.len(), "VM gone after a failure");
@@ -340,7 +383,7 @@ impl Handler<Shutdown> for Supervisor {
             .filter(|entry| !entry.failed)
             .map(|entry| {
                 entry.addr.send(Stop {
-                    reason: "manager shutdown",
+                    reason: StopReason::Shutdown,
                 })
             })
             .collect();
@@ -361,10 +404,18 @@ impl Handler<Readopt> for Supervisor {
     fn handle(&mut self, _: Readopt, ctx: &mut Self::Context) -> Self::Result {
         let mut adoptions = Vec::new();
         let mut orphans = Vec::new();
+        let mut known = HashMap::new();
         for found in records::scan(&self.config) {
             match found {
                 Found::Record(record) => {
                     let id = record.id.clone();
+                    known.insert(
+                        id.clone(),
+                        Recorded {
+                            qemu: (record.pid, record.start_time),
+                            swtpm: record.swtpm.as_ref().map(|s| (s.pid, s.start_time)),
+                        },
+                    );
                     let addr =
                         CvmActor::from_record(&record, self.config.clone(), self.services(ctx))
                             .start();
@@ -391,8 +442,13 @@ impl Handler<Readopt> for Supervisor {
                 .into_iter()
                 .map(|(folder, dir)| sweep_unfinished(folder, dir)),
         );
+        let vms_dir = self.config.state_dir.join("vms");
         Box::pin(
             async move {
+                // First the processes no record accounts for (a restart the
+                // last manager spawned but never recorded, a corrupt
+                // record's QEMU): nobody could supervise them.
+                kill_strays(vms_dir, known).await;
                 sweep.await;
                 join_all(adoptions).await
             }
@@ -414,43 +470,79 @@ impl Handler<Readopt> for Supervisor {
     }
 }
 
-/// A VM folder without a record is a create the previous manager never
-/// finished. A QEMU it may have started (its command names this folder) is
-/// killed, then the folder is removed.
-async fn sweep_unfinished(folder: String, dir: PathBuf) {
-    let name = format!("cocos-{folder}");
-    let dir_text = dir.to_string_lossy().into_owned();
-    let pids: Vec<i32> = std::fs::read_dir("/proc")
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    for pid in pids {
-        let Some(identity) = identify(pid) else {
-            continue;
+/// What a record says of a VM's processes: (pid, start time).
+struct Recorded {
+    qemu: (i32, u64),
+    swtpm: Option<(i32, u64)>,
+}
+
+/// Kills every QEMU (`-name cocos-<id>`) and swtpm under `vms_dir` that no
+/// record names with the same pid and start time, and waits (bounded) for
+/// each to go.
+async fn kill_strays(vms_dir: PathBuf, known: HashMap<String, Recorded>) {
+    let dir_text = format!("{}/", vms_dir.to_string_lossy());
+    let strays = tokio::task::spawn_blocking(move || {
+        let mut strays = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return strays;
         };
-        let names_dir = identity.cmdline.iter().any(|a| a.contains(&dir_text));
-        // Its QEMU, or its swtpm (whose state and socket are in the folder).
-        let is_swtpm = identity
-            .exe
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("swtpm"));
-        let ours = names_dir && (identity.cmdline.iter().any(|a| a == &name) || is_swtpm);
-        if !ours {
-            continue;
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Some(identity) = identify(pid) else {
+                continue;
+            };
+            let Some(id) = identity.cmdline.iter().find_map(|a| {
+                let rest = a.split(&dir_text).nth(1)?;
+                rest.split('/').next().map(str::to_string)
+            }) else {
+                continue;
+            };
+            let is_qemu = identity.cmdline.iter().any(|a| a == &format!("cocos-{id}"));
+            let is_swtpm = identity
+                .exe
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("swtpm"));
+            if !is_qemu && !is_swtpm {
+                continue;
+            }
+            let me = (pid, identity.start_time);
+            let accounted = known.get(&id).is_some_and(|r| {
+                if is_qemu {
+                    r.qemu == me
+                } else {
+                    r.swtpm == Some(me)
+                }
+            });
+            if !accounted {
+                strays.push((pid, id, if is_qemu { "QEMU" } else { "swtpm" }));
+            }
         }
+        strays
+    })
+    .await
+    .unwrap_or_default();
+    for (pid, id, what) in strays {
         let Ok(pidfd) = pidfd_open(pid) else { continue };
-        warn!(vm = %folder, pid, "killing the QEMU of an unfinished create");
+        warn!(vm = %id, pid, what, "killing a process no VM record accounts for");
         let pidfd = Arc::new(pidfd);
         if pidfd_signal(&pidfd, Signal::SIGKILL).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(10), pidfd_exited(pidfd)).await;
         }
     }
+}
+
+/// A VM folder without a record is a create the previous manager never
+/// finished. A QEMU it may have started (its command names this folder) is
+/// killed, then the folder is removed.
+async fn sweep_unfinished(folder: String, dir: PathBuf) {
+    // Its processes, if any, were killed by `kill_strays` already.
     info!(vm = %folder, "removing the folder of an unfinished create");
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
+    let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    if let Err(e) = removed {
         warn!(vm = %folder, error = %e, "cannot remove the folder");
     }
 }

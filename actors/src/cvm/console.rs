@@ -74,8 +74,34 @@ impl RotatingLog {
     }
 }
 
-/// Copies the console socket into the log until QEMU closes it.
-pub async fn pump(socket: PathBuf, mut log: RotatingLog) {
+/// The most console output one VM gets logged per second. A guest that
+/// floods its serial port is read no faster than this (QEMU then holds the
+/// output back), so the flood costs a bounded share of one thread.
+pub const MAX_RATE: u64 = 4 * 1024 * 1024;
+
+/// The thread every VM's console is copied on, apart from the actors and
+/// the API: a chatty guest's file writes never run where requests are served.
+fn console_thread() -> &'static actix::prelude::ArbiterHandle {
+    static CONSOLE: std::sync::OnceLock<actix::prelude::ArbiterHandle> = std::sync::OnceLock::new();
+    CONSOLE.get_or_init(|| actix::prelude::Arbiter::new().handle())
+}
+
+/// Starts copying a VM's console socket into its log, on the console thread.
+pub fn start(socket: PathBuf, log: PathBuf, max_size: u64, files: u32) {
+    let started = console_thread().spawn(async move {
+        match RotatingLog::open(&log, max_size, files) {
+            Ok(log) => pump(socket, log, MAX_RATE).await,
+            Err(e) => debug!(log = %log.display(), error = %e, "cannot open the console log"),
+        }
+    });
+    if !started {
+        debug!("the console thread is gone; console not logged");
+    }
+}
+
+/// Copies the console socket into the log until QEMU closes it, at most
+/// `rate` bytes per second.
+pub async fn pump(socket: PathBuf, mut log: RotatingLog, rate: u64) {
     let mut stream = match UnixStream::connect(&socket).await {
         Ok(stream) => stream,
         Err(e) => {
@@ -85,10 +111,25 @@ pub async fn pump(socket: PathBuf, mut log: RotatingLog) {
     };
     // Small: one of these lives per VM.
     let mut buf = vec![0u8; 2048];
+    // A token bucket of one second's worth.
+    let mut tokens = rate;
+    let mut refilled = tokio::time::Instant::now();
     loop {
+        if tokens < buf.len() as u64 {
+            let elapsed = refilled.elapsed();
+            let earned = (elapsed.as_secs_f64() * rate as f64) as u64;
+            if earned == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+            tokens = (tokens + earned).min(rate);
+            refilled = tokio::time::Instant::now();
+            continue;
+        }
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                tokens -= n as u64;
                 if let Err(e) = log.write_all(&buf[..n]) {
                     debug!(error = %e, "console log write failed");
                     break;

@@ -10,6 +10,24 @@ use cocos_core::config::{Config, TeeMode};
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::qemu::VmPaths;
 
+use crate::error::ApiError;
+
+/// An I/O failure on the state directory as the API reports it: a full
+/// disk or quota is RESOURCE_EXHAUSTED, a read-only or forbidden one
+/// FAILED_PRECONDITION, anything else INTERNAL.
+pub fn storage_error(what: &str, e: &io::Error) -> ApiError {
+    use io::ErrorKind as K;
+    let message = format!("{what}: {e}");
+    match (e.raw_os_error(), e.kind()) {
+        (Some(libc::ENOSPC | libc::EDQUOT), _) | (_, K::StorageFull | K::QuotaExceeded) => {
+            ApiError::ResourceExhausted(message)
+        }
+        (Some(libc::EROFS | libc::EACCES | libc::EPERM), _)
+        | (_, K::ReadOnlyFilesystem | K::PermissionDenied) => ApiError::FailedPrecondition(message),
+        _ => ApiError::Internal(message),
+    }
+}
+
 fn write_file(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)

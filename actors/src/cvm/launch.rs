@@ -17,6 +17,7 @@ use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
+use cocos_core::record::LaunchFacts;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -107,6 +108,8 @@ pub struct Launched {
 pub struct FirstBoot {
     pub launched: Launched,
     pub attestation: AttestationState,
+    /// What the command was made from, for the VM's record.
+    pub launch: LaunchFacts,
 }
 
 pub struct LaunchError {
@@ -145,8 +148,17 @@ impl Launcher {
     pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<FirstBoot, ApiError> {
         // Before anything is made: a launch we cannot attest is refused.
         let attestation = self.attestation(&create).await?;
-        files::prepare(&self.config, &self.paths, &self.id, &create)
-            .map_err(|e| ApiError::Internal(format!("cannot prepare the VM's files: {e}")))?;
+        // File work runs off the actor thread.
+        let (config, paths, id, request) = (
+            self.config.clone(),
+            self.paths.clone(),
+            self.id.clone(),
+            create.clone(),
+        );
+        tokio::task::spawn_blocking(move || files::prepare(&config, &paths, &id, &request))
+            .await
+            .map_err(|e| ApiError::Internal(format!("file preparation did not finish: {e}")))?
+            .map_err(|e| files::storage_error("cannot prepare the VM's files", &e))?;
         if self.config.qemu_enable_disk {
             self.prepare_disk().await?;
         }
@@ -166,10 +178,16 @@ impl Launcher {
             let argv = command_line(&self.config, &spec);
             let error = match self.launch(argv, port).await {
                 Ok(launched) => {
+                    let launch = LaunchFacts::new(
+                        &self.config,
+                        &create.aa_kbs_params,
+                        attestation.host_data.as_deref(),
+                    );
                     return Ok(FirstBoot {
                         launched,
                         attestation,
-                    })
+                        launch,
+                    });
                 }
                 Err(e) if e.retry_on_other_port && tries < PORT_TRIES => e.error,
                 Err(e) => {
@@ -206,10 +224,10 @@ impl Launcher {
             .mode(0o700)
             .create(&self.paths.tpm_dir)
             .map_err(|e| {
-                ApiError::Internal(format!(
-                    "cannot create {}: {e}",
-                    self.paths.tpm_dir.display()
-                ))
+                files::storage_error(
+                    &format!("cannot create {}", self.paths.tpm_dir.display()),
+                    &e,
+                )
             })?;
         let setup = self
             .config
@@ -322,10 +340,10 @@ impl Launcher {
             .append(true)
             .open(&self.paths.qemu_log)
             .map_err(|e| {
-                ApiError::Internal(format!(
-                    "cannot open {}: {e}",
-                    self.paths.qemu_log.display()
-                ))
+                files::storage_error(
+                    &format!("cannot open {}", self.paths.qemu_log.display()),
+                    &e,
+                )
             })
     }
 
@@ -355,7 +373,13 @@ impl Launcher {
             }
             None => {
                 let _ = pidfd_signal(&spawned.pidfd, Signal::SIGKILL);
-                let _ = wait_exit(&mut self.exit, spawned.pid, None).await;
+                let limit = self.config.stop_kill_timeout;
+                if wait_exit(&mut self.exit, spawned.pid, Some(limit))
+                    .await
+                    .is_none()
+                {
+                    error!(vm = %self.id, pid = spawned.pid, "helper did not exit after SIGKILL");
+                }
                 Err(ApiError::StartFailed(format!(
                     "{} took longer than {limit:?}",
                     argv.join(" ")
@@ -470,7 +494,8 @@ impl Launcher {
                 if let Err(e) = pidfd_signal(&pidfd, Signal::SIGKILL) {
                     error!(vm = %self.id, pid, error = %e, "cannot kill QEMU");
                 }
-                let status = wait_exit(&mut self.exit, pid, None).await;
+                let status =
+                    wait_exit(&mut self.exit, pid, Some(self.config.stop_kill_timeout)).await;
                 debug!(vm = %self.id, ?status, "failed QEMU reaped");
                 Err(fatal(ApiError::StartFailed(reason)))
             }
@@ -519,6 +544,12 @@ impl Launcher {
         let status = tokio::select! {
             status = qmp.status() => status,
             status = wait_exit(&mut exit, pid, None) => return Err(exited(status)),
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Readiness::Failed(format!(
+                    "QEMU did not report its state within {:?}",
+                    self.config.start_timeout
+                )));
+            }
         };
         match status {
             Ok(s) if s == "running" => {}

@@ -16,16 +16,15 @@ use actix::prelude::*;
 use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
 use cocos_core::guest::ValidatedCreate;
-use cocos_core::record::{LaunchInfo, ProcessRecord, VmRecord, RECORD_VERSION};
-use cocos_core::restart::{Decision, ExitKind, RestartPolicy, RestartTracker};
+use cocos_core::lifecycle::{Effect, Event, Lifecycle, Phase, StopAnswer, StopBudget, StopReason};
+use cocos_core::record::{LaunchFacts, LaunchInfo, ProcessRecord, VmRecord, RECORD_VERSION};
+use cocos_core::restart::ExitKind;
 use nix::sys::signal::Signal;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-pub use self::console::RotatingLog;
 use self::launch::{
-    end_process, exit_of, wait_exit, ExitBook, ExitWatch, FirstBoot, Helper, Launched, Launcher,
-    EXIT_BOOK_LEN,
+    end_process, exit_of, ExitBook, FirstBoot, Helper, Launched, Launcher, EXIT_BOOK_LEN,
 };
 use self::qmp::{Qmp, QmpEvent};
 use crate::attest::Measurer;
@@ -44,6 +43,19 @@ pub enum VmState {
     Stopping,
     Stopped,
     Failed,
+}
+
+impl From<Phase> for VmState {
+    fn from(phase: Phase) -> VmState {
+        match phase {
+            Phase::Starting => VmState::Starting,
+            Phase::Running => VmState::Running,
+            Phase::Backoff | Phase::Restarting => VmState::Restarting,
+            Phase::Stopping(_) | Phase::Unkillable => VmState::Stopping,
+            Phase::Stopped => VmState::Stopped,
+            Phase::Failed => VmState::Failed,
+        }
+    }
 }
 
 /// Told to the supervisor when a VM holds nothing any more: its process
@@ -87,7 +99,7 @@ pub struct Adopt(pub Box<VmRecord>);
 #[derive(Message)]
 #[rtype(result = "Result<(), ApiError>")]
 pub struct Stop {
-    pub reason: &'static str,
+    pub reason: StopReason,
 }
 
 struct Process {
@@ -99,13 +111,15 @@ struct Process {
 pub struct CvmActor {
     id: String,
     config: Arc<Config>,
-    policy: RestartPolicy,
     paths: cocos_core::qemu::VmPaths,
     services: Services,
     info: LaunchInfo,
     doc_inputs: Arc<DocumentInputs>,
     attestation: Option<AttestationState>,
-    state: VmState,
+    /// What the VM's command is made from (kept in its record).
+    launch: Option<LaunchFacts>,
+    /// Every decision about the VM's life; this actor carries them out.
+    life: Lifecycle,
     port: Option<u16>,
     argv: Vec<String>,
     process: Option<Process>,
@@ -116,19 +130,20 @@ pub struct CvmActor {
     /// The reason of the last SHUTDOWN event: a guest-initiated power-off is
     /// a normal end, anything else that ends QEMU is not.
     shutdown_reason: Option<String>,
-    tracker: RestartTracker,
     epoch: Instant,
-    launching: bool,
     stop_waiters: Vec<oneshot::Sender<Result<(), ApiError>>>,
-    stop_requested: Option<&'static str>,
     ttl_deadline: Option<SystemTime>,
     ttl_timer: Option<SpawnHandle>,
     restart_timer: Option<SpawnHandle>,
+    stage_timer: Option<SpawnHandle>,
+    /// Release has begun (helpers ending, files going); done once released.
+    releasing: bool,
+    released: bool,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -141,8 +156,14 @@ impl CvmActor {
         services: Services,
     ) -> CvmActor {
         let paths = cocos_core::qemu::VmPaths::new(&config, &id);
+        let budget = StopBudget {
+            powerdown: config.stop_powerdown_timeout,
+            quit: config.stop_quit_timeout,
+            term: config.stop_term_timeout,
+            kill: config.stop_kill_timeout,
+        };
         CvmActor {
-            policy: config.restart(),
+            life: Lifecycle::new(config.restart(), budget),
             id,
             config,
             paths,
@@ -150,7 +171,7 @@ impl CvmActor {
             info,
             doc_inputs,
             attestation: None,
-            state: VmState::Starting,
+            launch: None,
             port: None,
             argv: Vec::new(),
             process: None,
@@ -158,14 +179,14 @@ impl CvmActor {
             exit: watch::channel(Vec::new()).0,
             qmp: None,
             shutdown_reason: None,
-            tracker: RestartTracker::new(),
             epoch: Instant::now(),
-            launching: false,
             stop_waiters: Vec::new(),
-            stop_requested: None,
             ttl_deadline: None,
             ttl_timer: None,
             restart_timer: None,
+            stage_timer: None,
+            releasing: false,
+            released: false,
         }
     }
 
@@ -179,6 +200,7 @@ impl CvmActor {
             services,
         );
         actor.attestation = record.attestation.clone();
+        actor.launch = record.launch.clone();
         actor.paths = record.paths.clone();
         actor.argv = record.argv.clone();
         actor.ttl_deadline = record
@@ -191,11 +213,115 @@ impl CvmActor {
         self.epoch.elapsed()
     }
 
-    fn set_state(&mut self, state: VmState) {
-        if self.state != state {
-            info!(vm = %self.id, from = ?self.state, to = ?state, "VM state");
-            self.state = state;
+    fn state(&self) -> VmState {
+        self.life.phase().into()
+    }
+
+    /// Feeds an event to the lifecycle and carries out what it decides.
+    fn handle_event(&mut self, ctx: &mut Context<Self>, event: Event) {
+        let before = self.life.phase();
+        let effects = self.life.on(event, self.now());
+        let after = self.life.phase();
+        if before != after {
+            info!(vm = %self.id, from = ?before, to = ?after, ?event, "VM phase");
+        } else {
+            debug!(vm = %self.id, phase = ?after, ?event, ?effects, "VM event");
         }
+        for effect in effects {
+            self.apply(ctx, effect);
+        }
+    }
+
+    fn apply(&mut self, ctx: &mut Context<Self>, effect: Effect) {
+        match effect {
+            Effect::Running => self.on_running(ctx),
+            Effect::KillForRestart => self.signal_qemu(Signal::SIGKILL),
+            Effect::ScheduleRestart { after, attempt } => {
+                warn!(vm = %self.id, attempt, after = ?after, "restarting VM");
+                self.process = None;
+                self.qmp = None;
+                self.restart_timer = Some(ctx.run_later(after, |act, ctx| {
+                    act.restart_timer = None;
+                    act.handle_event(ctx, Event::RestartTimer);
+                }));
+            }
+            Effect::Relaunch => self.relaunch(ctx),
+            Effect::CancelTtl => {
+                if let Some(timer) = self.ttl_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+            }
+            Effect::CancelRestartTimer => {
+                if let Some(timer) = self.restart_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+            }
+            Effect::PowerDown => self.qmp_fire("system_powerdown"),
+            Effect::Quit => self.qmp_fire("quit"),
+            Effect::SigTerm => self.signal_qemu(Signal::SIGTERM),
+            Effect::SigKill => self.signal_qemu(Signal::SIGKILL),
+            Effect::ArmStageTimer { stage, after } => {
+                if let Some(timer) = self.stage_timer.take() {
+                    ctx.cancel_future(timer);
+                }
+                self.stage_timer = Some(ctx.run_later(after, move |act, ctx| {
+                    act.stage_timer = None;
+                    act.handle_event(ctx, Event::StageTimeout(stage));
+                }));
+            }
+            Effect::Release {
+                failed,
+                keep_listed,
+            } => {
+                let state = if failed {
+                    VmState::Failed
+                } else {
+                    VmState::Stopped
+                };
+                self.finish(ctx, state, keep_listed);
+            }
+            Effect::AnswerStop(StopAnswer::Stopped) => {
+                // Answered once everything is released.
+                if !self.releasing || self.released {
+                    self.answer_waiters(Ok(()));
+                }
+            }
+            Effect::AnswerStop(StopAnswer::Unkillable) => {
+                let pid = self.process.as_ref().map(|p| p.pid).unwrap_or_default();
+                error!(vm = %self.id, pid, "QEMU did not exit after SIGKILL; its files stay until it does");
+                self.answer_waiters(Err(ApiError::Internal(format!(
+                    "QEMU (pid {pid}) did not exit after SIGKILL within the stop budget; its files are removed once it does"
+                ))));
+            }
+            Effect::Log(line) => info!(vm = %self.id, "{line}"),
+            Effect::LogFailure(line) => error!(vm = %self.id, "{line}"),
+        }
+    }
+
+    fn answer_waiters(&mut self, result: Result<(), ApiError>) {
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    fn signal_qemu(&self, signal: Signal) {
+        let Some(process) = &self.process else { return };
+        warn!(vm = %self.id, pid = process.pid, signal = signal.as_str(), "sending signal to QEMU");
+        if let Err(e) = pidfd_signal(&process.pidfd, signal) {
+            error!(vm = %self.id, error = %e, "cannot signal QEMU");
+        }
+    }
+
+    /// A QMP command that nobody waits for: the stop ladder moves on its
+    /// timers, and the command itself is bounded.
+    fn qmp_fire(&self, command: &'static str) {
+        let Some(qmp) = self.qmp.clone() else { return };
+        let id = self.id.clone();
+        actix::spawn(async move {
+            if let Err(e) = qmp.execute(command, None).await {
+                debug!(vm = %id, command, error = %e, "QMP command failed");
+            }
+        });
     }
 
     fn launcher(&self, ctx: &mut Context<Self>) -> Launcher {
@@ -211,11 +337,12 @@ impl CvmActor {
         }
     }
 
-    fn save_record(&self) {
+    /// The VM's record as it stands, when it has a process to record.
+    fn record(&self) -> Option<VmRecord> {
         let (Some(process), Some(port)) = (&self.process, self.port) else {
-            return;
+            return None;
         };
-        let record = VmRecord {
+        Some(VmRecord {
             version: RECORD_VERSION,
             id: self.id.clone(),
             pid: process.pid,
@@ -232,63 +359,125 @@ impl CvmActor {
                 start_time: h.identity.start_time,
                 exe: h.identity.exe.clone(),
             }),
-        };
-        if let Err(e) = records::write(&record) {
-            error!(vm = %self.id, error = %e, "cannot write the VM record; a restarted manager will not find this VM");
-        }
+            launch: self.launch.clone(),
+        })
     }
 
-    /// Ends the VM's swtpm (QEMU is gone already), then releases
-    /// everything.
-    fn finish(&mut self, ctx: &mut Context<Self>, final_state: VmState, keep_listed: bool) {
-        let Some(helper) = self.swtpm.take() else {
-            self.release_everything(ctx, final_state, keep_listed);
+    /// Writes the VM's record off the actor thread, then calls `then` with
+    /// the result. A QEMU without a record could not be found again by a
+    /// restarted manager, so callers stop the VM when this fails.
+    fn persist<F>(&mut self, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, &mut Context<Self>, std::io::Result<()>) + 'static,
+    {
+        let record = self.record();
+        let write = async move {
+            let Some(record) = record else {
+                return Ok(());
+            };
+            tokio::task::spawn_blocking(move || records::write(&record))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
+            if let Err(e) = &result {
+                error!(vm = %act.id, error = %e, "cannot write the VM record; stopping the VM, which a restarted manager could not find");
+            }
+            then(act, ctx, result)
+        }));
+    }
+
+    /// Ends a launch that came up but cannot be kept (its record could not
+    /// be written): SIGKILL, wait (bounded) for the exit, then the
+    /// lifecycle's launch failure.
+    fn abandon_launch(&mut self, ctx: &mut Context<Self>) {
+        self.signal_qemu(Signal::SIGKILL);
+        let Some(pid) = self.process.as_ref().map(|p| p.pid) else {
+            self.handle_event(ctx, Event::LaunchFailed);
             return;
         };
         let mut exit = self.exit.subscribe();
-        let grace = self.config.stop_term_timeout;
+        let limit = self.config.stop_kill_timeout;
         ctx.spawn(
-            async move { end_process(&mut exit, &helper, grace).await }
+            async move { launch::wait_exit(&mut exit, pid, Some(limit)).await }
                 .into_actor(self)
-                .map(move |(), act, ctx| act.release_everything(ctx, final_state, keep_listed)),
+                .map(move |status, act, ctx| {
+                    if status.is_none() {
+                        error!(vm = %act.id, pid, "QEMU did not exit after SIGKILL");
+                    }
+                    act.process = None;
+                    act.qmp = None;
+                    act.handle_event(ctx, Event::LaunchFailed);
+                }),
         );
     }
 
-    /// Removes the folder and returns the port: the last step on every path,
-    /// taken only once no process of this VM is left.
+    /// Ends the VM's swtpm (QEMU is gone already), removes the VM's files
+    /// (off the actor thread), then releases the rest.
+    fn finish(&mut self, ctx: &mut Context<Self>, final_state: VmState, keep_listed: bool) {
+        if self.releasing {
+            return;
+        }
+        self.releasing = true;
+        for timer in [
+            self.ttl_timer.take(),
+            self.restart_timer.take(),
+            self.stage_timer.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            ctx.cancel_future(timer);
+        }
+        let helper = self.swtpm.take();
+        let mut exit = self.exit.subscribe();
+        let grace = self.config.stop_term_timeout;
+        let paths = self.paths.clone();
+        ctx.spawn(
+            async move {
+                if let Some(helper) = helper {
+                    end_process(&mut exit, &helper, grace).await;
+                }
+                tokio::task::spawn_blocking(move || files::remove(&paths))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            }
+            .into_actor(self)
+            .map(move |removed, act, ctx| {
+                if let Err(e) = removed {
+                    error!(vm = %act.id, error = %e, "could not remove the VM's files");
+                }
+                act.release_everything(ctx, final_state, keep_listed);
+            }),
+        );
+    }
+
+    /// Returns the port and tells the supervisor: the last step on every
+    /// path, taken only once no process of this VM is left and its files
+    /// are gone.
     fn release_everything(
         &mut self,
         ctx: &mut Context<Self>,
         final_state: VmState,
         keep_listed: bool,
     ) {
-        if let Err(e) = files::remove(&self.paths) {
-            error!(vm = %self.id, error = %e, "could not remove the VM's files");
-        }
         if let Some(port) = self.port.take() {
             self.services.ports.do_send(Release(port));
         }
         self.qmp = None;
         self.process = None;
-        for timer in [self.ttl_timer.take(), self.restart_timer.take()]
-            .into_iter()
-            .flatten()
-        {
-            ctx.cancel_future(timer);
-        }
-        self.set_state(final_state);
+        self.released = true;
+        info!(vm = %self.id, state = ?final_state, "VM released");
         self.services.supervisor.do_send(VmGone {
             id: self.id.clone(),
             state: final_state,
             keep_listed,
         });
-        for waiter in self.stop_waiters.drain(..) {
-            let _ = waiter.send(Ok(()));
-        }
+        self.answer_waiters(Ok(()));
         ctx.stop();
     }
 
-    fn take_launched(&mut self, ctx: &mut Context<Self>, launched: Launched) {
+    fn take_launched(&mut self, launched: Launched) {
         self.port = Some(launched.port);
         self.argv = launched.argv;
         self.qmp = launched.qmp;
@@ -299,25 +488,16 @@ impl CvmActor {
             pidfd: launched.pidfd,
             identity: launched.identity,
         });
-        self.on_running(ctx);
     }
 
-    /// The process is up and ours: record it, log its console, arm its TTL.
+    /// The process is up, ours and recorded: log its console, arm its TTL.
     fn on_running(&mut self, ctx: &mut Context<Self>) {
-        self.launching = false;
-        self.set_state(VmState::Running);
-        self.tracker.started(self.now());
-        self.save_record();
-        match RotatingLog::open(
-            &self.paths.console_log,
+        console::start(
+            self.paths.console_socket.clone(),
+            self.paths.console_log.clone(),
             self.config.vm_log_max_size.0,
             self.config.vm_log_files,
-        ) {
-            Ok(log) => {
-                actix::spawn(console::pump(self.paths.console_socket.clone(), log));
-            }
-            Err(e) => warn!(vm = %self.id, error = %e, "cannot open the console log"),
-        }
+        );
         if let (Some(deadline), None) = (self.ttl_deadline, &self.ttl_timer) {
             let left = deadline
                 .duration_since(SystemTime::now())
@@ -325,22 +505,19 @@ impl CvmActor {
             self.ttl_timer = Some(ctx.run_later(left, |act, ctx| {
                 info!(vm = %act.id, "TTL expired");
                 act.ttl_timer = None;
-                act.request_stop(ctx, "TTL expired");
+                act.handle_event(ctx, Event::Ttl);
             }));
         }
-        // An exit that raced the end of the start, or a stop asked for meanwhile.
+        // An exit that raced the end of the launch.
         let pid = self.process.as_ref().map(|p| p.pid);
         let exited = pid.and_then(|pid| exit_of(&self.exit.borrow(), pid));
-        match exited {
-            Some(status) => self.on_exit(ctx, status),
-            None => {
-                if let Some(reason) = self.stop_requested.take() {
-                    self.begin_stop(ctx, reason);
-                }
-            }
+        if let Some(status) = exited {
+            let kind = self.exit_kind(status);
+            ctx.notify(Exited { status, kind });
         }
     }
 
+    /// The one place a QEMU exit is classified.
     fn exit_kind(&self, status: ExitStatus) -> ExitKind {
         match (self.shutdown_reason.as_deref(), status) {
             (Some("guest-shutdown"), _) => ExitKind::Normal,
@@ -349,50 +526,12 @@ impl CvmActor {
         }
     }
 
-    /// The VM's process ended without being asked to: restart or give up as
-    /// the supervision policy says.
-    fn on_exit(&mut self, ctx: &mut Context<Self>, status: ExitStatus) {
-        let kind = self.exit_kind(status);
-        let last_line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
-        warn!(vm = %self.id, %status, ?kind, qemu_said = %last_line, "QEMU exited on its own");
-        self.after_end(ctx, kind);
-    }
-
-    fn after_end(&mut self, ctx: &mut Context<Self>, kind: ExitKind) {
-        self.process = None;
-        self.qmp = None;
-        self.launching = false;
-        if let Some(reason) = self.stop_requested.take() {
-            info!(vm = %self.id, reason, "VM ended while a stop was pending");
-            self.finish(ctx, VmState::Stopped, false);
+    fn relaunch(&mut self, ctx: &mut Context<Self>) {
+        if self.port.is_none() {
+            self.handle_event(ctx, Event::LaunchFailed);
             return;
         }
-        match self.tracker.on_exit(&self.policy, kind, self.now()) {
-            Decision::Restart { after, attempt } => {
-                warn!(vm = %self.id, attempt, after = ?after, "restarting VM");
-                self.set_state(VmState::Restarting);
-                self.restart_timer = Some(ctx.run_later(after, |act, ctx| {
-                    act.restart_timer = None;
-                    act.restart(ctx);
-                }));
-            }
-            Decision::Stop => {
-                info!(vm = %self.id, policy = %self.policy.restart, "VM ended and is not restarted");
-                self.finish(ctx, VmState::Stopped, false);
-            }
-            Decision::GiveUp { reason } => {
-                error!(vm = %self.id, %reason, "VM failed: restart budget spent; its port and files are released");
-                self.finish(ctx, VmState::Failed, true);
-            }
-        }
-    }
-
-    fn restart(&mut self, ctx: &mut Context<Self>) {
-        let Some(port) = self.port else {
-            self.finish(ctx, VmState::Failed, true);
-            return;
-        };
-        self.launching = true;
+        let port = self.port.unwrap_or_default();
         let argv = self.argv.clone();
         let mut launcher = self.launcher(ctx);
         // The last run's swtpm holds the TPM state's lock until it is gone.
@@ -408,71 +547,23 @@ impl CvmActor {
             .into_actor(self)
             .map(|result, act, ctx| match result {
                 Ok(launched) => {
-                    info!(vm = %act.id, port = launched.port, "VM restarted");
-                    act.take_launched(ctx, launched);
+                    let control = launched.qmp.is_some();
+                    act.take_launched(launched);
+                    act.persist(ctx, move |act, ctx, written| {
+                        if written.is_err() {
+                            act.abandon_launch(ctx);
+                            return;
+                        }
+                        info!(vm = %act.id, port = ?act.port, "VM restarted");
+                        act.handle_event(ctx, Event::Launched { control });
+                    });
                 }
                 Err(e) => {
                     warn!(vm = %act.id, error = %e.error, "restart failed");
-                    act.after_end(ctx, ExitKind::Abnormal);
+                    act.handle_event(ctx, Event::LaunchFailed);
                 }
             }),
         );
-    }
-
-    fn request_stop(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
-        match self.state {
-            VmState::Running => self.begin_stop(ctx, reason),
-            VmState::Restarting if !self.launching => {
-                info!(vm = %self.id, reason, "stopping VM while it waits to restart");
-                self.finish(ctx, VmState::Stopped, false);
-            }
-            VmState::Starting | VmState::Restarting => {
-                self.stop_requested.get_or_insert(reason);
-            }
-            VmState::Stopping => {}
-            VmState::Stopped | VmState::Failed => {
-                for waiter in self.stop_waiters.drain(..) {
-                    let _ = waiter.send(Ok(()));
-                }
-            }
-        }
-    }
-
-    fn begin_stop(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
-        info!(vm = %self.id, reason, "stopping VM");
-        self.set_state(VmState::Stopping);
-        if let Some(timer) = self.ttl_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        let Some(process) = self.process.as_ref() else {
-            self.finish(ctx, VmState::Stopped, false);
-            return;
-        };
-        let job = StopJob {
-            id: self.id.clone(),
-            pid: process.pid,
-            pidfd: process.pidfd.clone(),
-            qmp: self.qmp.clone(),
-            exit: self.exit.subscribe(),
-            config: self.config.clone(),
-        };
-        ctx.spawn(job.run().into_actor(self).map(|result, act, ctx| match result {
-            Ok(status) => {
-                info!(vm = %act.id, %status, "VM stopped");
-                act.finish(ctx, VmState::Stopped, false);
-            }
-            Err((e, mut exit, pid)) => {
-                error!(vm = %act.id, error = %e, "VM did not stop; its files stay until it exits");
-                for waiter in act.stop_waiters.drain(..) {
-                    let _ = waiter.send(Err(e.clone()));
-                }
-                ctx.spawn(
-                    async move { wait_exit(&mut exit, pid, None).await }
-                        .into_actor(act)
-                        .map(|_, act, ctx| act.finish(ctx, VmState::Stopped, false)),
-                );
-            }
-        }));
     }
 
     /// Watches a process that is not our child through its pidfd.
@@ -489,41 +580,123 @@ impl CvmActor {
     }
 }
 
+/// QEMU ended (classified), delivered to the actor itself so an exit seen
+/// while a launch finishes is handled after it.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Exited {
+    status: ExitStatus,
+    kind: ExitKind,
+}
+
+impl Handler<Exited> for CvmActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Exited, ctx: &mut Self::Context) {
+        let last_line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
+        if matches!(self.life.phase(), Phase::Running) {
+            warn!(vm = %self.id, status = %msg.status, kind = ?msg.kind, qemu_said = %last_line, "QEMU exited on its own");
+        } else {
+            info!(vm = %self.id, status = %msg.status, "QEMU exited");
+        }
+        self.handle_event(ctx, Event::Exited(msg.kind));
+    }
+}
+
 impl Actor for CvmActor {
     type Context = Context<Self>;
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        debug!(vm = %self.id, state = ?self.state, "VM actor stopped");
+        debug!(vm = %self.id, state = ?self.state(), "VM actor stopped");
     }
 }
 
 impl Handler<Boot> for CvmActor {
-    type Result = ResponseActFuture<Self, Result<Booted, ApiError>>;
+    type Result = ResponseFuture<Result<Booted, ApiError>>;
 
     fn handle(&mut self, msg: Boot, ctx: &mut Self::Context) -> Self::Result {
         let create = msg.0;
-        self.ttl_deadline = create.ttl.map(|ttl| SystemTime::now() + ttl);
-        self.launching = true;
+        self.ttl_deadline = create
+            .ttl
+            .and_then(|ttl| SystemTime::now().checked_add(ttl));
         let launcher = self.launcher(ctx);
-        Box::pin(launcher.first_boot(create).into_actor(self).map(
-            |result, act, ctx| match result {
-                Ok(FirstBoot {
-                    launched,
-                    attestation,
-                }) => {
-                    let port = launched.port;
-                    info!(vm = %act.id, port, vtpm = attestation.vtpm, "VM running");
-                    act.attestation = Some(attestation.clone());
-                    act.take_launched(ctx, launched);
-                    Ok(Booted { port, attestation })
-                }
-                Err(e) => {
-                    warn!(vm = %act.id, error = %e, "VM failed to start");
-                    act.release_everything(ctx, VmState::Failed, false);
-                    Err(e)
-                }
-            },
-        ))
+        let (answer, answered) = oneshot::channel();
+        ctx.spawn(
+            launcher
+                .first_boot(create)
+                .into_actor(self)
+                .map(|result, act, ctx| act.after_first_boot(ctx, result, answer)),
+        );
+        // Bounded: the release itself is (SIGKILL's bound, the swtpm's grace).
+        let limit = self.config.stop_kill_timeout + self.config.stop_term_timeout;
+        Box::pin(async move {
+            let (outcome, released) = answered
+                .await
+                .map_err(|_| ApiError::Internal("the VM's actor ended during its create".into()))?;
+            if let Some(rx) = released {
+                let _ = tokio::time::timeout(limit, rx).await;
+            }
+            outcome
+        })
+    }
+}
+
+/// A create's answer, and what to wait for before giving it (a failed
+/// create answers once everything it made is gone).
+type BootAnswer = oneshot::Sender<(
+    Result<Booted, ApiError>,
+    Option<oneshot::Receiver<Result<(), ApiError>>>,
+)>;
+
+impl CvmActor {
+    fn after_first_boot(
+        &mut self,
+        ctx: &mut Context<Self>,
+        result: Result<FirstBoot, ApiError>,
+        answer: BootAnswer,
+    ) {
+        let FirstBoot {
+            launched,
+            attestation,
+            launch,
+        } = match result {
+            Ok(first) => first,
+            Err(e) => {
+                warn!(vm = %self.id, error = %e, "VM failed to start");
+                self.handle_event(ctx, Event::LaunchFailed);
+                let released = self.wait_released();
+                let _ = answer.send((Err(e), released));
+                return;
+            }
+        };
+        let port = launched.port;
+        self.attestation = Some(attestation.clone());
+        self.launch = Some(launch);
+        let control = launched.qmp.is_some();
+        self.take_launched(launched);
+        self.persist(ctx, move |act, ctx, written| match written {
+            Ok(()) => {
+                info!(vm = %act.id, port, vtpm = attestation.vtpm, "VM running");
+                act.handle_event(ctx, Event::Launched { control });
+                let _ = answer.send((Ok(Booted { port, attestation }), None));
+            }
+            Err(e) => {
+                act.abandon_launch(ctx);
+                let released = act.wait_released();
+                let error = files::storage_error("cannot write the VM record", &e);
+                let _ = answer.send((Err(error), released));
+            }
+        });
+    }
+
+    /// A receiver answered once the VM's release is done (none if it is).
+    fn wait_released(&mut self) -> Option<oneshot::Receiver<Result<(), ApiError>>> {
+        if self.released {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.stop_waiters.push(tx);
+        Some(rx)
     }
 }
 
@@ -576,6 +749,8 @@ impl Handler<Adopt> for CvmActor {
         let Some((pidfd, identity)) = adopted else {
             info!(vm = %self.id, pid, "the VM's QEMU is gone (or its pid belongs to another process now); cleaning up");
             self.finish(ctx, VmState::Stopped, false);
+            // The lifecycle ends too (nothing is left to stop).
+            let _ = self.life.on(Event::LaunchFailed, self.now());
             return Box::pin(fut::ready(Err(ApiError::NotFound(format!(
                 "VM {} is gone",
                 record.id
@@ -609,8 +784,9 @@ impl Handler<Adopt> for CvmActor {
                     }
                 };
                 act.process = Some(Process { pid, pidfd, identity });
-                info!(vm = %act.id, pid, port, "re-adopted VM");
-                act.on_running(ctx);
+                info!(vm = %act.id, pid, port, vtpm = act.swtpm.is_some(), "re-adopted VM");
+                let control = act.qmp.is_some();
+                act.handle_event(ctx, Event::Launched { control });
                 Ok(port)
             }),
         )
@@ -623,7 +799,13 @@ impl Handler<Stop> for CvmActor {
     fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
-        self.request_stop(ctx, msg.reason);
+        info!(vm = %self.id, reason = msg.reason.as_str(), "stop requested");
+        let event = match msg.reason {
+            StopReason::Remove => Event::Remove,
+            StopReason::Ttl => Event::Ttl,
+            StopReason::Shutdown => Event::Shutdown,
+        };
+        self.handle_event(ctx, event);
         Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }
 }
@@ -642,30 +824,36 @@ impl Handler<ChildExited> for CvmActor {
             }
             book.push((msg.pid, msg.status));
         });
-        if self.swtpm.as_ref().is_some_and(|h| h.pid == msg.pid) && self.state == VmState::Running {
+        if self.swtpm.as_ref().is_some_and(|h| h.pid == msg.pid)
+            && self.life.phase() == Phase::Running
+        {
             warn!(vm = %self.id, pid = msg.pid, status = %msg.status, "the VM's swtpm exited; its TPM no longer answers");
         }
         let ours = self.process.as_ref().is_some_and(|p| p.pid == msg.pid);
-        if self.state == VmState::Running && ours && !self.launching {
-            self.on_exit(ctx, msg.status);
+        // While a launch is in progress, the launch job sees the exit itself.
+        let launched = matches!(
+            self.life.phase(),
+            Phase::Running | Phase::Stopping(_) | Phase::Unkillable
+        );
+        if ours && launched {
+            let kind = self.exit_kind(msg.status);
+            ctx.notify(Exited {
+                status: msg.status,
+                kind,
+            });
         }
-        // Starting, restarting and stopping: the job in progress sees it.
     }
 }
 
 impl Handler<QmpEvent> for CvmActor {
     type Result = ();
 
-    fn handle(&mut self, msg: QmpEvent, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: QmpEvent, ctx: &mut Self::Context) {
         match msg.event.as_str() {
             "GUEST_PANICKED" => {
                 warn!(vm = %self.id, data = %msg.data, "guest panicked; killing QEMU so supervision restarts it");
                 self.shutdown_reason = Some("guest-panic".into());
-                if let Some(process) = &self.process {
-                    if let Err(e) = pidfd_signal(&process.pidfd, Signal::SIGKILL) {
-                        error!(vm = %self.id, error = %e, "cannot kill the panicked VM");
-                    }
-                }
+                self.handle_event(ctx, Event::GuestPanicked);
             }
             "SHUTDOWN" => {
                 let reason = msg.data["reason"].as_str().unwrap_or("unknown").to_string();
@@ -674,71 +862,5 @@ impl Handler<QmpEvent> for CvmActor {
             }
             other => debug!(vm = %self.id, event = other, data = %msg.data, "QMP event"),
         }
-    }
-}
-
-struct StopJob {
-    id: String,
-    pid: i32,
-    pidfd: Arc<OwnedFd>,
-    qmp: Option<Qmp>,
-    exit: ExitWatch,
-    config: Arc<Config>,
-}
-
-impl StopJob {
-    /// Asks the guest to power off, then QEMU to quit, then SIGTERM, then
-    /// SIGKILL, each stage bounded. Done when the process has ended.
-    async fn run(mut self) -> Result<ExitStatus, (ApiError, ExitWatch, i32)> {
-        let pid = self.pid;
-        if let Some(status) = wait_exit(&mut self.exit, pid, Some(Duration::ZERO)).await {
-            return Ok(status);
-        }
-        if let Some(qmp) = &self.qmp {
-            if !self.config.stop_powerdown_timeout.is_zero() {
-                match qmp.execute("system_powerdown", None).await {
-                    Ok(_) => {
-                        if let Some(s) = wait_exit(
-                            &mut self.exit,
-                            pid,
-                            Some(self.config.stop_powerdown_timeout),
-                        )
-                        .await
-                        {
-                            return Ok(s);
-                        }
-                        info!(vm = %self.id, "guest did not power off in time; asking QEMU to quit");
-                    }
-                    Err(e) => debug!(vm = %self.id, error = %e, "system_powerdown failed"),
-                }
-            }
-            if let Err(e) = qmp.execute("quit", None).await {
-                debug!(vm = %self.id, error = %e, "quit failed");
-            }
-            if let Some(s) =
-                wait_exit(&mut self.exit, pid, Some(self.config.stop_quit_timeout)).await
-            {
-                return Ok(s);
-            }
-        }
-        for (signal, limit) in [
-            (Signal::SIGTERM, self.config.stop_term_timeout),
-            (Signal::SIGKILL, self.config.stop_kill_timeout),
-        ] {
-            warn!(vm = %self.id, pid, signal = signal.as_str(), "sending signal to QEMU");
-            if let Err(e) = pidfd_signal(&self.pidfd, signal) {
-                error!(vm = %self.id, error = %e, "cannot signal QEMU");
-            }
-            if let Some(s) = wait_exit(&mut self.exit, pid, Some(limit)).await {
-                return Ok(s);
-            }
-        }
-        Err((
-            ApiError::Internal(format!(
-                "QEMU (pid {pid}) did not exit after SIGKILL; its files are removed once it does"
-            )),
-            self.exit,
-            pid,
-        ))
     }
 }

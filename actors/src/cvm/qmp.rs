@@ -5,10 +5,11 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
+use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,6 +23,53 @@ pub enum QmpError {
     Command { command: String, desc: String },
     #[error("QMP connection closed")]
     Closed,
+    #[error("QMP command {0} got no answer within {1:?}")]
+    Timeout(String, Duration),
+}
+
+/// The longest QMP line accepted: QEMU's answers and events are far
+/// shorter; anything longer is a broken or hostile peer.
+pub const MAX_LINE: usize = 64 * 1024;
+/// How long one QMP command may take; a QEMU that does not answer (stopped,
+/// hung) does not hold up whoever asked.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads one line of at most `cap` bytes. Cancel-safe: bytes are moved from
+/// the reader into `partial` only after an await has completed, so a line
+/// interrupted by `select!` goes on where it stopped.
+async fn next_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    partial: &mut Vec<u8>,
+    cap: usize,
+) -> Result<Option<String>, QmpError> {
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return if partial.is_empty() {
+                Ok(None)
+            } else {
+                Err(QmpError::Closed)
+            };
+        }
+        let (taken, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        partial.extend_from_slice(&available[..taken]);
+        reader.consume(taken);
+        if partial.len() > cap + 1 {
+            return Err(QmpError::Protocol(format!(
+                "a line longer than {cap} bytes"
+            )));
+        }
+        if done {
+            let mut line = std::mem::take(partial);
+            line.pop();
+            return String::from_utf8(line)
+                .map(Some)
+                .map_err(|_| QmpError::Protocol("a line that is not UTF-8".into()));
+        }
+    }
 }
 
 /// An asynchronous QMP event (`SHUTDOWN`, `GUEST_PANICKED`, …).
@@ -46,8 +94,15 @@ impl Qmp {
         let stream = UnixStream::connect(path).await?;
         let (read, mut write) = stream.into_split();
         // QMP lines are short; one reader lives per VM.
-        let mut lines = BufReader::with_capacity(1024, read).lines();
-        let greeting = lines.next_line().await?.ok_or(QmpError::Closed)?;
+        let mut reader = BufReader::with_capacity(1024, read);
+        let mut partial = Vec::new();
+        let greeting = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            next_line(&mut reader, &mut partial, MAX_LINE),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout("(greeting)".into(), COMMAND_TIMEOUT))??
+        .ok_or(QmpError::Closed)?;
         let greeting: Value = serde_json::from_str(&greeting)
             .map_err(|e| QmpError::Protocol(format!("bad greeting: {e}")))?;
         if greeting.get("QMP").is_none() {
@@ -71,10 +126,14 @@ impl Qmp {
                         }
                         pending.push_back((name, reply));
                     }
-                    line = lines.next_line() => {
+                    line = next_line(&mut reader, &mut partial, MAX_LINE) => {
                         let line = match line {
                             Ok(Some(line)) => line,
-                            _ => break,
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "closing the QMP connection");
+                                break;
+                            }
                         };
                         let Ok(message) = serde_json::from_str::<Value>(&line) else { continue };
                         if let Some(event) = message.get("event").and_then(Value::as_str) {
@@ -115,11 +174,16 @@ impl Qmp {
             message["arguments"] = arguments;
         }
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send((message, reply))
+        let exchange = async {
+            self.commands
+                .send((message, reply))
+                .await
+                .map_err(|_| QmpError::Closed)?;
+            answer.await.map_err(|_| QmpError::Closed)?
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, exchange)
             .await
-            .map_err(|_| QmpError::Closed)?;
-        answer.await.map_err(|_| QmpError::Closed)?
+            .map_err(|_| QmpError::Timeout(command.to_string(), COMMAND_TIMEOUT))?
     }
 
     /// The run state QEMU reports (`running`, `paused`, `prelaunch`, …).

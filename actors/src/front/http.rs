@@ -1,5 +1,8 @@
 //! The Cocos-compatible HTTP endpoint: `GET /health` and `GET /metrics`.
 
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use actix::Addr;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -7,14 +10,18 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use cocos_core::config::Config;
+use cocos_core::duration::format_go_duration;
 use serde_json::json;
 
+use crate::front::STATS;
 use crate::ports::{PortAllocator, Snapshot};
 use crate::supervisor::{ListVms, Supervisor};
 
 #[derive(Clone)]
 struct HttpState {
     instance_id: String,
+    /// `MANAGER_GRPC_TIMEOUT`: bound of every question to an actor.
+    timeout: Duration,
     supervisor: Addr<Supervisor>,
     ports: Addr<PortAllocator>,
 }
@@ -35,14 +42,30 @@ async fn health(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    let vms = state.supervisor.send(ListVms).await;
-    let ports = state.ports.send(Snapshot).await;
-    let (Ok(vms), Ok(ports)) = (vms, ports) else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "manager is shutting down\n".to_string(),
-        )
-            .into_response();
+    let asked = tokio::time::timeout(
+        state.timeout,
+        futures::future::join(state.supervisor.send(ListVms), state.ports.send(Snapshot)),
+    )
+    .await;
+    let (vms, ports) = match asked {
+        Ok((Ok(vms), Ok(ports))) => (vms, ports),
+        Ok(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "manager is shutting down\n".to_string(),
+            )
+                .into_response()
+        }
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the manager did not answer within {} (MANAGER_GRPC_TIMEOUT)\n",
+                    format_go_duration(state.timeout)
+                ),
+            )
+                .into_response()
+        }
     };
     let running = vms.iter().filter(|v| v.running).count();
     let failed = vms.iter().filter(|v| v.failed).count();
@@ -57,10 +80,30 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
          cocos_manager_ports_in_use {}\n\
          # HELP cocos_manager_ports_total Host ports in MANAGER_QEMU_HOST_FWD_RANGE.\n\
          # TYPE cocos_manager_ports_total gauge\n\
-         cocos_manager_ports_total {}\n",
+         cocos_manager_ports_total {}\n\
+         # HELP cocos_manager_grpc_connections gRPC connections open.\n\
+         # TYPE cocos_manager_grpc_connections gauge\n\
+         cocos_manager_grpc_connections {}\n\
+         # HELP cocos_manager_grpc_connections_max MANAGER_GRPC_MAX_CONNECTIONS.\n\
+         # TYPE cocos_manager_grpc_connections_max gauge\n\
+         cocos_manager_grpc_connections_max {}\n\
+         # HELP cocos_manager_grpc_connections_refused_total gRPC connections closed at once because MANAGER_GRPC_MAX_CONNECTIONS were open.\n\
+         # TYPE cocos_manager_grpc_connections_refused_total counter\n\
+         cocos_manager_grpc_connections_refused_total {}\n\
+         # HELP cocos_manager_grpc_connections_silent_total gRPC connections closed because they sent nothing in time.\n\
+         # TYPE cocos_manager_grpc_connections_silent_total counter\n\
+         cocos_manager_grpc_connections_silent_total {}\n\
+         # HELP cocos_manager_grpc_deadline_exceeded_total Requests answered DEADLINE_EXCEEDED (MANAGER_GRPC_TIMEOUT or the client's deadline).\n\
+         # TYPE cocos_manager_grpc_deadline_exceeded_total counter\n\
+         cocos_manager_grpc_deadline_exceeded_total {}\n",
         vms.len() - running - failed,
         ports.in_use.len(),
         ports.range.len(),
+        STATS.connections.load(Ordering::Relaxed),
+        STATS.max_connections.load(Ordering::Relaxed),
+        STATS.refused.load(Ordering::Relaxed),
+        STATS.silent.load(Ordering::Relaxed),
+        STATS.deadline_exceeded.load(Ordering::Relaxed),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -85,6 +128,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     let state = HttpState {
         instance_id: config.instance_id.clone(),
+        timeout: config.grpc_timeout,
         supervisor,
         ports,
     };
