@@ -487,3 +487,43 @@ async fn shutdown_stop_vms_stops_every_vm() {
         assert!(port_is_free(port), "port {port}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_vm_counts_toward_the_limit_until_pruned() {
+    let manager = manager(&[
+        ("MANAGER_MAX_VMS", "1"),
+        ("MANAGER_RESTART_MAX_RESTARTS", "1"),
+        ("MANAGER_RESTART_BACKOFF_INITIAL", "50ms"),
+        ("MANAGER_FAILED_VM_RETENTION", "3s"),
+        // Every start of this VM dies soon after it is up.
+        ("STAND_IN_CRASH_AFTER", "300ms"),
+    ]);
+    let mut client = manager.client().await;
+    let (id, _) = create(&mut client).await;
+    let failed = || manager.log().contains("VM failed: restart budget spent");
+    assert!(
+        eventually(Duration::from_secs(20), failed).await,
+        "{}",
+        manager.log()
+    );
+    // Listed, and counted: no room for another VM.
+    info(&mut client, &id).await;
+    let err = client
+        .create_vm(CreateReq::default())
+        .await
+        .expect_err("the failed VM still counts");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    // Pruned after the retention time: gone from the list, room again.
+    let pruned = || manager.log().contains("failed VM forgotten");
+    assert!(
+        eventually(Duration::from_secs(20), pruned).await,
+        "{}",
+        manager.log()
+    );
+    let err = client
+        .cvm_info(cocos_core::proto::CvmInfoReq { id })
+        .await
+        .expect_err("pruned");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_nothing_left(&manager).await;
+}

@@ -235,6 +235,22 @@ impl Handler<Measure> for Measurer {
     }
 }
 
+/// Why the operator's attestation inputs cannot be used: a configuration
+/// error (the start, or the reload, is refused).
+#[derive(Debug, thiserror::Error)]
+pub enum InputsError {
+    #[error("cannot read {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Document(#[from] cocos_core::attestation::document::DocumentError),
+    #[error("MANAGER_ATTESTATION_POLICY_BINARY {binary}: {reason}")]
+    PolicyBinary { binary: String, reason: String },
+}
+
 /// The document inputs, and the warnings an operator should see once.
 pub struct LoadedInputs {
     pub inputs: DocumentInputs,
@@ -247,31 +263,38 @@ pub struct LoadedInputs {
 pub async fn load_inputs(
     config: &Config,
     reaper: &Addr<ZombieReaper>,
-) -> Result<LoadedInputs, String> {
+) -> Result<LoadedInputs, InputsError> {
     let mut warnings = Vec::new();
     let pcr_values = if config.pcr_values.as_os_str().is_empty() {
         None
     } else {
         let what = format!("MANAGER_PCR_VALUES {}", config.pcr_values.display());
-        let text = std::fs::read_to_string(&config.pcr_values)
-            .map_err(|e| format!("cannot read {what}: {e}"))?;
-        Some(parse_pcr_values(&text, &what).map_err(|e| e.to_string())?)
+        let text =
+            std::fs::read_to_string(&config.pcr_values).map_err(|source| InputsError::Read {
+                what: what.clone(),
+                source,
+            })?;
+        Some(parse_pcr_values(&text, &what)?)
     };
     let base = if !config.attestation_base_policy.as_os_str().is_empty() {
         let what = format!(
             "MANAGER_ATTESTATION_BASE_POLICY {}",
             config.attestation_base_policy.display()
         );
-        let text = std::fs::read_to_string(&config.attestation_base_policy)
-            .map_err(|e| format!("cannot read {what}: {e}"))?;
-        Some(parse_base_document(&text, &what).map_err(|e| e.to_string())?)
+        let text = std::fs::read_to_string(&config.attestation_base_policy).map_err(|source| {
+            InputsError::Read {
+                what: what.clone(),
+                source,
+            }
+        })?;
+        Some(parse_base_document(&text, &what)?)
     } else if config.attestation_policy_binary.is_file() {
         let what = format!(
             "the output of MANAGER_ATTESTATION_POLICY_BINARY {}",
             config.attestation_policy_binary.display()
         );
         let text = run_policy_binary(config, reaper).await?;
-        Some(parse_base_document(&text, &what).map_err(|e| e.to_string())?)
+        Some(parse_base_document(&text, &what)?)
     } else {
         None
     };
@@ -352,11 +375,18 @@ impl Handler<ChildExited> for ExitForward {
 
 /// Runs the original's `attestation_policy --policy 196608` through the
 /// reaper and returns what it printed.
-async fn run_policy_binary(config: &Config, reaper: &Addr<ZombieReaper>) -> Result<String, String> {
+async fn run_policy_binary(
+    config: &Config,
+    reaper: &Addr<ZombieReaper>,
+) -> Result<String, InputsError> {
     let binary = config.attestation_policy_binary.display().to_string();
+    let failed = |reason: String| InputsError::PolicyBinary {
+        binary: binary.clone(),
+        reason,
+    };
     let out_path: PathBuf = config.state_dir.join("attestation_policy.out");
     let output = std::fs::File::create(&out_path)
-        .map_err(|e| format!("cannot create {}: {e}", out_path.display()))?;
+        .map_err(|e| failed(format!("cannot create {}: {e}", out_path.display())))?;
     let (tx, rx) = oneshot::channel();
     let notify = ExitForward(Some(tx)).start().recipient();
     let argv = vec![binary.clone(), "--policy".into(), "196608".into()];
@@ -367,26 +397,26 @@ async fn run_policy_binary(config: &Config, reaper: &Addr<ZombieReaper>) -> Resu
             notify,
         })
         .await
-        .map_err(|e| format!("reaper unavailable: {e}"))?
-        .map_err(|e| format!("cannot run MANAGER_ATTESTATION_POLICY_BINARY {binary}: {e}"))?;
+        .map_err(|e| failed(format!("reaper unavailable: {e}")))?
+        .map_err(|e| failed(format!("cannot run it: {e}")))?;
     let limit = Duration::from_secs(30);
     let status = match tokio::time::timeout(limit, rx).await {
         Ok(Ok(status)) => status,
-        Ok(Err(_)) => return Err(format!("lost track of {binary}")),
+        Ok(Err(_)) => return Err(failed("lost track of it".into())),
         Err(_) => {
             let _ = crate::process::pidfd_signal(&spawned.pidfd, nix::sys::signal::Signal::SIGKILL);
             let _ = std::fs::remove_file(&out_path);
-            return Err(format!("{binary} took longer than {limit:?}"));
+            return Err(failed(format!("took longer than {limit:?}")));
         }
     };
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
     match status {
         ExitStatus::Exited(0) => Ok(text),
-        other => Err(format!(
-            "MANAGER_ATTESTATION_POLICY_BINARY {binary} failed ({other}): {}",
+        other => Err(failed(format!(
+            "failed ({other}): {}",
             text.lines().last().unwrap_or("")
-        )),
+        ))),
     }
 }
 

@@ -293,7 +293,16 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         warn!("{problem}");
     }
     let bind = config.forward_bind_addr();
-    let reaper = ZombieReaper::default().start();
+    // Its own thread: fork/exec and waitpid never run where requests are
+    // served.
+    let reaper =
+        ZombieReaper::start_in_arbiter(&Arbiter::new().handle(), |_| ZombieReaper::default());
+    // A round trip: the reaper has installed its SIGCHLD handler before any
+    // path below can return.
+    if let Err(e) = reaper.send(crate::reaper::WatchedCount).await {
+        error!(error = %e, "the zombie reaper did not start");
+        return ExitCode::FAILURE;
+    }
     let ports = PortAllocator::new(config.port_range(), bind).start();
     let measurer = SyncArbiter::start(1, Measurer::default);
     // From here an essential actor that stops ends the process.
@@ -537,7 +546,16 @@ fn empty_request() -> ValidatedCreate {
 /// empty request would get. Measures and reads files; starts no VM.
 async fn print_attestation_policy(config: Config) -> ExitCode {
     let config = Arc::new(config);
-    let reaper = ZombieReaper::default().start();
+    // Its own thread: fork/exec and waitpid never run where requests are
+    // served.
+    let reaper =
+        ZombieReaper::start_in_arbiter(&Arbiter::new().handle(), |_| ZombieReaper::default());
+    // A round trip: the reaper has installed its SIGCHLD handler before any
+    // path below can return.
+    if let Err(e) = reaper.send(crate::reaper::WatchedCount).await {
+        error!(error = %e, "the zombie reaper did not start");
+        return ExitCode::FAILURE;
+    }
     let measurer = SyncArbiter::start(1, Measurer::default);
     let loaded = match attest::load_inputs(&config, &reaper).await {
         Ok(loaded) => loaded,

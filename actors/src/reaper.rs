@@ -38,6 +38,9 @@ pub struct Spawn {
 pub struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// Who it is (read from /proc here, on the reaper's own thread); `None`
+    /// if it already vanished.
+    pub identity: Option<crate::process::Identity>,
 }
 
 /// How many children are being watched (for tests and metrics).
@@ -114,7 +117,12 @@ impl Handler<Spawn> for ZombieReaper {
         drop(child);
         let pidfd = pidfd_open(pid)?;
         self.watched.insert(pid, msg.notify);
-        Ok(Spawned { pid, pidfd })
+        let identity = crate::process::identify(pid);
+        Ok(Spawned {
+            pid,
+            pidfd,
+            identity,
+        })
     }
 }
 

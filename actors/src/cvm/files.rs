@@ -4,7 +4,7 @@
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cocos_core::config::{Config, TeeMode};
 use cocos_core::guest::ValidatedCreate;
@@ -16,14 +16,19 @@ use crate::error::ApiError;
 /// disk or quota is RESOURCE_EXHAUSTED, a read-only or forbidden one
 /// FAILED_PRECONDITION, anything else INTERNAL.
 pub fn storage_error(what: &str, e: &io::Error) -> ApiError {
+    classify(format!("{what}: {e}"), e)
+}
+
+fn classify(message: String, e: &io::Error) -> ApiError {
     use io::ErrorKind as K;
-    let message = format!("{what}: {e}");
     match (e.raw_os_error(), e.kind()) {
         (Some(libc::ENOSPC | libc::EDQUOT), _) | (_, K::StorageFull | K::QuotaExceeded) => {
             ApiError::ResourceExhausted(message)
         }
         (Some(libc::EROFS | libc::EACCES | libc::EPERM), _)
         | (_, K::ReadOnlyFilesystem | K::PermissionDenied) => ApiError::FailedPrecondition(message),
+        // A file the configuration names is missing (the OVMF vars template).
+        (_, K::NotFound) => ApiError::FailedPrecondition(message),
         _ => ApiError::Internal(message),
     }
 }
@@ -43,8 +48,29 @@ fn make_dir(path: &Path) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path)
 }
 
-fn context(what: &str, path: &Path, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+/// A file operation on a VM's folder that failed: what, on which path, why.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {}: {source}", path.display())]
+pub struct FileError {
+    pub action: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl FileError {
+    /// As the API reports it (see [`storage_error`]).
+    pub fn to_api(&self, what: &str) -> ApiError {
+        classify(format!("{what}: {self}"), &self.source)
+    }
+}
+
+fn context(action: &'static str, path: &Path, source: io::Error) -> FileError {
+    FileError {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Creates the VM folder and everything the guest is given. On error the
@@ -54,7 +80,7 @@ pub fn prepare(
     paths: &VmPaths,
     id: &str,
     create: &ValidatedCreate,
-) -> io::Result<()> {
+) -> Result<(), FileError> {
     let vms = paths.dir.parent().unwrap_or(&paths.dir);
     fs::DirBuilder::new()
         .recursive(true)
@@ -97,7 +123,7 @@ pub fn prepare(
 }
 
 /// Removes everything [`prepare`] made. Missing pieces are fine.
-pub fn remove(paths: &VmPaths) -> io::Result<()> {
+pub fn remove(paths: &VmPaths) -> Result<(), FileError> {
     let mut first_error = None;
     for dir in [&paths.certs_dir, &paths.env_dir, &paths.dir] {
         match fs::remove_dir_all(dir) {

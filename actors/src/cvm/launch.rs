@@ -28,7 +28,7 @@ use super::Services;
 use crate::attest::attestation_state;
 use crate::error::ApiError;
 use crate::ports::{Release, Reserve};
-use crate::process::{identify, pidfd_signal, ExitStatus, Identity};
+use crate::process::{pidfd_signal, ExitStatus, Identity};
 use crate::reaper::{ChildExited, Spawn};
 
 /// How many ports a first boot tries when QEMU reports the forwarded port
@@ -158,7 +158,7 @@ impl Launcher {
         tokio::task::spawn_blocking(move || files::prepare(&config, &paths, &id, &request))
             .await
             .map_err(|e| ApiError::Internal(format!("file preparation did not finish: {e}")))?
-            .map_err(|e| files::storage_error("cannot prepare the VM's files", &e))?;
+            .map_err(|e| e.to_api("cannot prepare the VM's files"))?;
         if self.config.qemu_enable_disk {
             self.prepare_disk().await?;
         }
@@ -277,7 +277,7 @@ impl Launcher {
             .map_err(|e| ApiError::StartFailed(format!("cannot start {}: {e}", argv[0])))?;
         let pid = spawned.pid;
         let pidfd = Arc::new(spawned.pidfd);
-        let identity = identify(pid);
+        let identity = spawned.identity;
         let deadline = tokio::time::Instant::now() + self.config.start_timeout;
         let mut delay = Duration::from_millis(1);
         let failure = loop {
@@ -462,7 +462,7 @@ impl Launcher {
             })?;
         let pid = spawned.pid;
         let pidfd = Arc::new(spawned.pidfd);
-        let identity = identify(pid);
+        let identity = spawned.identity;
         let spawned_at = begun.elapsed();
         let ready = self.wait_ready(pid, port).await;
         debug!(vm = %self.id, spawn = ?spawned_at, ready = ?begun.elapsed(), "launch timing");

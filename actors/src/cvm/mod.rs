@@ -438,9 +438,11 @@ impl CvmActor {
                 if let Some(helper) = helper {
                     end_process(&mut exit, &helper, grace).await;
                 }
-                tokio::task::spawn_blocking(move || files::remove(&paths))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                tokio::task::spawn_blocking(move || {
+                    files::remove(&paths).map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("file removal did not finish: {e}")))
             }
             .into_actor(self)
             .map(move |removed, act, ctx| {
