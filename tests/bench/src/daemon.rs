@@ -76,6 +76,22 @@ impl Workspace {
         procfs::kill_all_with_arg(&self.needle())
     }
 
+    /// Waits up to `grace` until the manager's state holds no VM folder and
+    /// no VM process runs; returns what is left: (folders, processes).
+    pub async fn wait_no_vms(&self, grace: Duration) -> (usize, usize) {
+        let vms_dir = self.state_dir().join("vms");
+        let folders = || {
+            std::fs::read_dir(&vms_dir)
+                .map(|d| d.flatten().count())
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + grace;
+        while (folders() > 0 || !self.processes().is_empty()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (folders(), self.processes().len())
+    }
+
     fn needle(&self) -> String {
         // The trailing slash keeps /tmp/cocos-bench-1-1 from matching -11.
         format!("{}/", self.base.display())

@@ -22,7 +22,7 @@ use crate::stats::{median, ms, round3};
 use crate::{procfs, shell, BenchResult};
 
 /// The VM id `--print-qemu-cmd` uses.
-const PLACEHOLDER_ID: &str = "00000000-0000-4000-8000-000000000000";
+pub(crate) const PLACEHOLDER_ID: &str = "00000000-0000-4000-8000-000000000000";
 const POLL_EVERY: Duration = Duration::from_millis(50);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
@@ -274,7 +274,11 @@ async fn rounds(
 }
 
 /// The manager's own QEMU command line for the placeholder VM, split.
-fn print_qemu_cmd(spec: &DaemonSpec, state_dir: &Path, port: u16) -> BenchResult<Vec<String>> {
+pub(crate) fn print_qemu_cmd(
+    spec: &DaemonSpec,
+    state_dir: &Path,
+    port: u16,
+) -> BenchResult<Vec<String>> {
     let output = spec
         .command()
         .arg("--print-qemu-cmd")

@@ -1,15 +1,21 @@
 //! `cocos-manager-bench`: starts its own `cocos-manager`, drives it over
 //! real gRPC and reports latency, throughput, memory, CPU, re-adoption time
-//! (`scale`, on the stand-in QEMU) or the manager's overhead on a real boot
+//! (`scale`, on the stand-in QEMU), the control plane's latency under load
+//! (`latency`), the create rate as a ratio to spawning the stand-ins without
+//! the manager (`spawn-ratio`) or the manager's overhead on a real boot
 //! (`guest`). Prints a human-readable report, then one JSON line.
 
 mod daemon;
 mod guest;
+mod latency;
 mod pool;
 mod procfs;
+mod rpc;
 mod scale;
 mod shell;
+mod spawn_ratio;
 mod stats;
+mod summary;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,7 +27,7 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub type BenchResult<T> = Result<T, BenchError>;
 
 const USAGE: &str = "\
-Usage: cocos-manager-bench <scale|guest> [OPTIONS]
+Usage: cocos-manager-bench <scale|latency|spawn-ratio|guest> [OPTIONS]
 
 Starts its own cocos-manager (private state directory under /tmp, private
 ports), drives it over gRPC, prints a report and then one JSON line with
@@ -33,6 +39,18 @@ Subcommands:
   scale   N VMs on the stand-in QEMU, created by C concurrent clients:
           CreateVm latency and rate, daemon RSS with 0 and N VMs, idle CPU
           with N VMs, re-adoption after SIGKILL, RemoveVm latency, leftovers.
+  latency CVMInfo p50/p99 of an existing VM, asked by a prober on its own
+          connection at a fixed pace, on the idle manager (the baseline) and
+          (a) while C clients create and remove VMs as fast as they can,
+          (b) while one guest writes its serial console at --console-spam
+          bytes/s (stand-in QEMU); reports loaded/idle ratios. Each scenario
+          starts its own manager and alternates R idle and R loaded windows.
+  spawn-ratio
+          N CreateVm by C clients through the manager (m), against the bench
+          spawning the same N stand-ins itself with the manager's command
+          line, C at a time, each waited for as the manager does (QMP
+          running, port bound) (b); R rounds, alternating which goes first.
+          Reports the create rate as a ratio to (b): wall(b) / wall(m).
   guest   Real QEMU and the dev guest (no KVM): per round, (a) CreateVm until
           the agent answers GET /health, then RemoveVm, and (b) the command
           line of `cocos-manager --print-qemu-cmd` run by hand until the
@@ -44,7 +62,8 @@ Common options:
   --repo DIR           repository root, the manager's working directory
                        [the workspace this bench was built from]
   --qemu PATH          QEMU binary for the VMs
-                       [scale: <bench binary dir>/qemu-stand-in; guest: qemu-system-x86_64]
+                       [scale, latency, spawn-ratio: <bench binary dir>/qemu-stand-in;
+                        guest: qemu-system-x86_64]
   --start-timeout S    longest wait for the manager to serve, seconds   [300]
   --rpc-timeout S      longest wait for one gRPC request, seconds      [120]
   --json               print only the JSON line
@@ -57,6 +76,18 @@ scale options:
   -c, --clients C      concurrent gRPC clients         [32]
   --idle-window S      idle CPU window, seconds        [10]
 
+latency options:
+  -c, --clients C      clients creating and removing   [32]
+  -r, --rounds R       idle/loaded window pairs        [5]
+  --window S           length of each probe window, s  [2]
+  --probe-interval S   one CVMInfo per interval, s     [0.01]
+  --console-spam B     console bytes/s of the flooding guest [50000000]
+
+spawn-ratio options:
+  -n, --vms N          VMs per round, each way         [200]
+  -c, --clients C      at a time, each way             [32]
+  -r, --rounds R       rounds of (m) and (b)           [5]
+
 guest options:
   -r, --rounds R       rounds of (a) and (b)           [3]
   --guest-dir DIR      holds bzImage and rootfs.cpio.gz [<repo>/target/dev-guest]
@@ -64,12 +95,38 @@ guest options:
 
 Examples:
   cargo run --release -p cocos-manager-bench -- scale -n 1000 -c 32
+  cargo run --release -p cocos-manager-bench -- latency -c 32 -r 5
+  cargo run --release -p cocos-manager-bench -- spawn-ratio -n 200 -c 32 -r 5
   cargo run --release -p cocos-manager-bench -- guest -r 3";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bench {
     Scale,
+    Latency,
+    SpawnRatio,
     Guest,
+}
+
+impl Bench {
+    fn name(self) -> &'static str {
+        match self {
+            Bench::Scale => "scale",
+            Bench::Latency => "latency",
+            Bench::SpawnRatio => "spawn-ratio",
+            Bench::Guest => "guest",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Bench> {
+        [
+            Bench::Scale,
+            Bench::Latency,
+            Bench::SpawnRatio,
+            Bench::Guest,
+        ]
+        .into_iter()
+        .find(|b| b.name() == name)
+    }
 }
 
 #[derive(Debug)]
@@ -83,12 +140,33 @@ struct Args {
     rpc_timeout: Duration,
     json_only: bool,
     keep: bool,
-    vms: usize,
+    /// `None`: the benchmark's default (scale 1000, spawn-ratio 200).
+    vms: Option<usize>,
     clients: usize,
     idle_window: Duration,
-    rounds: usize,
+    /// `None`: the benchmark's default (guest 3, others 5).
+    rounds: Option<usize>,
     guest_dir: Option<PathBuf>,
     agent_timeout: Duration,
+    window: Duration,
+    probe_interval: Duration,
+    console_spam: u64,
+}
+
+impl Args {
+    fn vms(&self) -> usize {
+        self.vms.unwrap_or(match self.bench {
+            Bench::SpawnRatio => 200,
+            _ => 1000,
+        })
+    }
+
+    fn rounds(&self) -> usize {
+        self.rounds.unwrap_or(match self.bench {
+            Bench::Guest => 3,
+            _ => 5,
+        })
+    }
 }
 
 fn parse_count(flag: &str, value: &str) -> Result<usize, String> {
@@ -122,15 +200,21 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
         rpc_timeout: Duration::from_secs(120),
         json_only: false,
         keep: false,
-        vms: 1000,
+        vms: None,
         clients: 32,
         idle_window: Duration::from_secs(10),
-        rounds: 3,
+        rounds: None,
         guest_dir: None,
         agent_timeout: Duration::from_secs(180),
+        window: Duration::from_secs(2),
+        probe_interval: Duration::from_millis(10),
+        console_spam: 50_000_000,
     };
-    let mut scale_only = Vec::new();
-    let mut guest_only = Vec::new();
+    // Each benchmark-specific flag given, with the benchmarks it belongs to.
+    let mut specific: Vec<(String, &[Bench])> = Vec::new();
+    const SCALE_RATIO: &[Bench] = &[Bench::Scale, Bench::SpawnRatio];
+    const CLIENTS: &[Bench] = &[Bench::Scale, Bench::Latency, Bench::SpawnRatio];
+    const ROUNDS: &[Bench] = &[Bench::Guest, Bench::SpawnRatio, Bench::Latency];
     let mut iter = argv.into_iter();
     while let Some(arg) = iter.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -145,12 +229,8 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
         };
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "scale" | "guest" if bench.is_none() => {
-                bench = Some(if flag == "scale" {
-                    Bench::Scale
-                } else {
-                    Bench::Guest
-                });
+            name if bench.is_none() && Bench::from_name(name).is_some() => {
+                bench = Bench::from_name(name);
             }
             "--manager" => args.manager = Some(value()?.into()),
             "--config" => args.config = Some(value()?.into()),
@@ -161,42 +241,62 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Option<Args>, St
             "--json" => args.json_only = true,
             "--keep" => args.keep = true,
             "-n" | "--vms" => {
-                args.vms = parse_count(&flag, &value()?)?;
-                scale_only.push(flag);
+                args.vms = Some(parse_count(&flag, &value()?)?);
+                specific.push((flag, SCALE_RATIO));
             }
             "-c" | "--clients" => {
                 args.clients = parse_count(&flag, &value()?)?;
-                scale_only.push(flag);
+                specific.push((flag, CLIENTS));
             }
             "--idle-window" => {
                 args.idle_window = parse_secs(&flag, &value()?)?;
-                scale_only.push(flag);
+                specific.push((flag, &[Bench::Scale]));
+            }
+            "--window" => {
+                args.window = parse_secs(&flag, &value()?)?;
+                specific.push((flag, &[Bench::Latency]));
+            }
+            "--probe-interval" => {
+                args.probe_interval = parse_secs(&flag, &value()?)?;
+                specific.push((flag, &[Bench::Latency]));
+            }
+            "--console-spam" => {
+                args.console_spam = parse_count(&flag, &value()?)? as u64;
+                specific.push((flag, &[Bench::Latency]));
             }
             "-r" | "--rounds" => {
-                args.rounds = parse_count(&flag, &value()?)?;
-                guest_only.push(flag);
+                args.rounds = Some(parse_count(&flag, &value()?)?);
+                specific.push((flag, ROUNDS));
             }
             "--guest-dir" => {
                 args.guest_dir = Some(value()?.into());
-                guest_only.push(flag);
+                specific.push((flag, &[Bench::Guest]));
             }
             "--agent-timeout" => {
                 args.agent_timeout = parse_secs(&flag, &value()?)?;
-                guest_only.push(flag);
+                specific.push((flag, &[Bench::Guest]));
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    args.bench = bench.ok_or("name a benchmark: scale or guest")?;
-    let wrong = match args.bench {
-        Bench::Scale => guest_only.first().map(|f| (f, "guest")),
-        Bench::Guest => scale_only.first().map(|f| (f, "scale")),
-    };
-    if let Some((flag, only)) = wrong {
-        return Err(format!("{flag} is an option of `{only}` only"));
+    args.bench = bench.ok_or("name a benchmark: scale, latency, spawn-ratio or guest")?;
+    if let Some((flag, of)) = specific.iter().find(|(_, of)| !of.contains(&args.bench)) {
+        let names: Vec<String> = of.iter().map(|b| format!("`{}`", b.name())).collect();
+        return Err(format!(
+            "{flag} is an option of {} only",
+            names.join(" and ")
+        ));
     }
-    if args.vms > usize::from(u16::MAX) {
-        return Err(format!("--vms {} is more than there are ports", args.vms));
+    let port_limit = match args.bench {
+        // The baseline takes as many ports again.
+        Bench::SpawnRatio => usize::from(u16::MAX) / 2,
+        _ => usize::from(u16::MAX),
+    };
+    if args.vms() > port_limit {
+        return Err(format!("--vms {} is more than there are ports", args.vms()));
+    }
+    if args.bench == Bench::Latency && args.clients > 1000 {
+        return Err(format!("--clients {} is more than 1000", args.clients));
     }
     Ok(Some(args))
 }
@@ -252,6 +352,8 @@ fn resolve_paths(args: &Args) -> BenchResult<Paths> {
 /// The report of either benchmark.
 enum Report {
     Scale(Box<scale::ScaleReport>),
+    Latency(Box<latency::LatencyReport>),
+    SpawnRatio(Box<spawn_ratio::RatioReport>),
     Guest(guest::GuestReport),
 }
 
@@ -259,6 +361,8 @@ impl Report {
     fn ok(&self) -> bool {
         match self {
             Report::Scale(r) => r.failures.is_empty(),
+            Report::Latency(r) => r.failures.is_empty(),
+            Report::SpawnRatio(r) => r.failures.is_empty(),
             Report::Guest(r) => r.failures.is_empty(),
         }
     }
@@ -266,6 +370,8 @@ impl Report {
     fn print(&self) {
         match self {
             Report::Scale(r) => r.print(),
+            Report::Latency(r) => r.print(),
+            Report::SpawnRatio(r) => r.print(),
             Report::Guest(r) => r.print(),
         }
     }
@@ -273,27 +379,35 @@ impl Report {
     fn json(&self) -> serde_json::Value {
         match self {
             Report::Scale(r) => r.json(),
+            Report::Latency(r) => r.json(),
+            Report::SpawnRatio(r) => r.json(),
             Report::Guest(r) => r.json(),
         }
     }
 }
 
+/// The stand-in QEMU: --qemu, or next to this binary.
+fn stand_in(args: &Args, paths: &Paths) -> BenchResult<PathBuf> {
+    let qemu_bin = args
+        .qemu
+        .clone()
+        .unwrap_or_else(|| paths.bin_dir.join("qemu-stand-in"));
+    if qemu_bin.components().count() > 1 && !qemu_bin.is_file() {
+        return Err(format!(
+            "{} is missing: cargo build --release -p qemu-stand-in",
+            qemu_bin.display()
+        )
+        .into());
+    }
+    Ok(qemu_bin)
+}
+
 async fn run(args: &Args, paths: &Paths) -> BenchResult<Report> {
     match args.bench {
         Bench::Scale => {
-            let qemu_bin = args
-                .qemu
-                .clone()
-                .unwrap_or_else(|| paths.bin_dir.join("qemu-stand-in"));
-            if qemu_bin.components().count() > 1 && !qemu_bin.is_file() {
-                return Err(format!(
-                    "{} is missing: cargo build --release -p qemu-stand-in",
-                    qemu_bin.display()
-                )
-                .into());
-            }
+            let qemu_bin = stand_in(args, paths)?;
             let opts = scale::ScaleOpts {
-                vms: args.vms,
+                vms: args.vms(),
                 clients: args.clients,
                 idle_window: args.idle_window,
                 qemu_bin,
@@ -303,9 +417,37 @@ async fn run(args: &Args, paths: &Paths) -> BenchResult<Report> {
             };
             Ok(Report::Scale(Box::new(scale::run(&opts, paths).await)))
         }
+        Bench::Latency => {
+            let opts = latency::LatencyOpts {
+                clients: args.clients,
+                rounds: args.rounds(),
+                window: args.window,
+                probe_interval: args.probe_interval,
+                console_spam: args.console_spam,
+                qemu_bin: stand_in(args, paths)?,
+                start_timeout: args.start_timeout,
+                rpc_timeout: args.rpc_timeout,
+                keep: args.keep,
+            };
+            Ok(Report::Latency(Box::new(latency::run(&opts, paths).await)))
+        }
+        Bench::SpawnRatio => {
+            let opts = spawn_ratio::RatioOpts {
+                vms: args.vms(),
+                clients: args.clients,
+                rounds: args.rounds(),
+                qemu_bin: stand_in(args, paths)?,
+                start_timeout: args.start_timeout,
+                rpc_timeout: args.rpc_timeout,
+                keep: args.keep,
+            };
+            Ok(Report::SpawnRatio(Box::new(
+                spawn_ratio::run(&opts, paths).await,
+            )))
+        }
         Bench::Guest => {
             let opts = guest::GuestOpts {
-                rounds: args.rounds,
+                rounds: args.rounds(),
                 qemu_bin: args
                     .qemu
                     .clone()
@@ -411,20 +553,52 @@ mod tests {
     fn defaults_and_flags() {
         let args = parse("scale").expect("ok").expect("args");
         assert_eq!(
-            (args.bench, args.vms, args.clients),
+            (args.bench, args.vms(), args.clients),
             (Bench::Scale, 1000, 32)
         );
         let args = parse("scale -n 3 -c 2 --idle-window=2.5 --json")
             .expect("ok")
             .expect("args");
-        assert_eq!((args.vms, args.clients), (3, 2));
+        assert_eq!((args.vms(), args.clients), (3, 2));
         assert_eq!(args.idle_window, Duration::from_millis(2500));
         assert!(args.json_only);
         let args = parse("--keep guest -r 1").expect("ok").expect("args");
         assert_eq!(
-            (args.bench, args.rounds, args.keep),
+            (args.bench, args.rounds(), args.keep),
             (Bench::Guest, 1, true)
         );
+    }
+
+    #[test]
+    fn latency_and_spawn_ratio() {
+        let args = parse("latency").expect("ok").expect("args");
+        assert_eq!(args.bench, Bench::Latency);
+        assert_eq!((args.clients, args.rounds()), (32, 5));
+        assert_eq!(
+            (args.window, args.probe_interval, args.console_spam),
+            (
+                Duration::from_secs(2),
+                Duration::from_millis(10),
+                50_000_000
+            )
+        );
+        let args = parse("latency -c 8 -r 2 --window 3 --probe-interval=0.005 --console-spam 1000")
+            .expect("ok")
+            .expect("args");
+        assert_eq!((args.clients, args.rounds()), (8, 2));
+        assert_eq!(
+            (args.window, args.probe_interval, args.console_spam),
+            (Duration::from_secs(3), Duration::from_millis(5), 1000)
+        );
+        let args = parse("spawn-ratio").expect("ok").expect("args");
+        assert_eq!(
+            (args.bench, args.vms(), args.clients, args.rounds()),
+            (Bench::SpawnRatio, 200, 32, 5)
+        );
+        let args = parse("spawn-ratio -n 50 -c 4 -r 1")
+            .expect("ok")
+            .expect("args");
+        assert_eq!((args.vms(), args.clients, args.rounds()), (50, 4, 1));
     }
 
     #[test]
@@ -437,6 +611,11 @@ mod tests {
         assert!(parse("guest -c 2").is_err());
         assert!(parse("scale --frobnicate").is_err());
         assert!(parse("scale guest").is_err());
+        assert!(parse("latency -n 5").is_err());
+        assert!(parse("scale --window 2").is_err());
+        assert!(parse("spawn-ratio --console-spam 5").is_err());
+        assert!(parse("spawn-ratio -n 40000").is_err());
+        assert!(parse("latency --probe-interval 0").is_err());
         assert!(parse("scale --help").expect("ok").is_none());
     }
 }

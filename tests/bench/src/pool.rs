@@ -28,12 +28,32 @@ where
     Fut: Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
+    let clients: Arc<Vec<Client>> = Arc::new(clients.to_vec());
+    each(clients.len(), jobs, move |worker, index| {
+        op(clients[worker].clone(), index)
+    })
+    .await
+}
+
+/// Runs `op(worker, index)` for every index in `0..jobs` on `workers`
+/// tasks (worker `0..workers`), each taking the next index when it is done
+/// with one; returns the outcomes in index order and the wall time.
+pub async fn each<T, F, Fut>(
+    workers: usize,
+    jobs: usize,
+    op: F,
+) -> BenchResult<(Vec<Outcome<T>>, Duration)>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let op = Arc::new(op);
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(clients.len());
-    for client in clients {
-        let (op, next, client) = (op.clone(), next.clone(), client.clone());
+    let mut tasks = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let (op, next) = (op.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut done = Vec::new();
             loop {
@@ -42,7 +62,7 @@ where
                     break done;
                 }
                 let t0 = Instant::now();
-                let result = op(client.clone(), index).await;
+                let result = op(worker, index).await;
                 done.push(Outcome {
                     index,
                     latency: t0.elapsed(),
@@ -53,7 +73,7 @@ where
     }
     let mut outcomes = Vec::with_capacity(jobs);
     for task in tasks {
-        outcomes.extend(task.await.map_err(|e| format!("client task failed: {e}"))?);
+        outcomes.extend(task.await.map_err(|e| format!("worker task failed: {e}"))?);
     }
     let wall = start.elapsed();
     outcomes.sort_by_key(|o| o.index);

@@ -47,6 +47,29 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// One counter of /proc/<pid>/io (`rchar`, `wchar`, ...): bytes passed to
+/// read(2)/write(2) and friends, sockets included. `None` when the file is
+/// not readable (another user's process, a non-dumpable one) or has no such
+/// key.
+pub fn io_counter(pid: u32, key: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// The value of `key` in the environment `pid` started with; `None` when
+/// it is not set or the file is not readable.
+pub fn environ_var(pid: u32, key: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|b| *b == 0).find_map(|entry| {
+        let entry = String::from_utf8_lossy(entry);
+        let (k, v) = entry.split_once('=')?;
+        (k == key).then(|| v.to_string())
+    })
+}
+
 /// Clock ticks per second (the unit of [`cpu_ticks`]).
 pub fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf only reads a system constant.
@@ -131,5 +154,8 @@ mod tests {
         assert!(rss_kib(me).expect("rss") > 0);
         cpu_ticks(me).expect("ticks");
         assert!(clock_ticks_per_sec() > 0);
+        assert!(io_counter(me, "rchar").is_some());
+        assert!(io_counter(me, "no-such-key").is_none());
+        assert!(environ_var(me, "COCOS_BENCH_NO_SUCH_VARIABLE").is_none());
     }
 }
