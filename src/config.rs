@@ -401,12 +401,13 @@ settings! {
     grpc_port: u16 = "MANAGER_GRPC_PORT", "grpc.port", "7001", "gRPC port the manager binds to";
     log_level: LogLevel = "MANAGER_LOG_LEVEL", "log_level", "info", "Logging verbosity: trace, debug, info, warn, error";
     max_vms: u32 = "MANAGER_MAX_VMS", "max_vms", "10", "Most VMs running at once (0 = no limit)";
-    state_dir: PathBuf = "MANAGER_STATE_DIR", "state_dir", "/var/lib/cocos-manager", "Directory holding one folder per VM (firmware vars, shares, sockets, logs)";
+    state_dir: PathBuf = "MANAGER_STATE_DIR", "state_dir", "/run/cocos-manager", "Directory holding one folder per VM (firmware vars, shares, sockets, logs, keys): runtime state, on tmpfs like /run/libvirt (a warning at start when it is not)";
     http_host: String = "MANAGER_HTTP_HOST", "http.host", "localhost", "Host of the health and metrics HTTP endpoint";
     http_port: u16 = "MANAGER_HTTP_PORT", "http.port", "7003", "Port of the health and metrics HTTP endpoint";
     grpc_server_cert: PathBuf = "MANAGER_GRPC_SERVER_CERT", "grpc.server_cert", "", "Server TLS certificate (PEM); empty = plaintext";
     grpc_server_key: PathBuf = "MANAGER_GRPC_SERVER_KEY", "grpc.server_key", "", "Server TLS private key (PEM)";
     grpc_client_ca_certs: PathBuf = "MANAGER_GRPC_CLIENT_CA_CERTS", "grpc.client_ca_certs", "", "CA for client certificates; set = mutual TLS required";
+    grpc_allow_plaintext: bool = "MANAGER_GRPC_ALLOW_PLAINTEXT", "grpc.allow_plaintext", "false", "Allow plaintext gRPC (MANAGER_GRPC_SERVER_CERT empty) on an address that is not loopback; without it such a start is refused";
     grpc_max_connections: u32 = "MANAGER_GRPC_MAX_CONNECTIONS", "grpc.max_connections", "256", "Most gRPC connections open at once; one more is accepted and closed at once, before any byte";
     grpc_max_streams: u32 = "MANAGER_GRPC_MAX_STREAMS", "grpc.max_streams", "128", "Most requests in flight on one gRPC connection (HTTP/2 concurrent streams); the client queues the rest";
     grpc_max_message_size: ByteSize = "MANAGER_GRPC_MAX_MESSAGE_SIZE", "grpc.max_message_size", "4M", "Largest gRPC message received or sent (a CreateReq carries up to three certificates of at most 1M each); a larger request is OUT_OF_RANGE";
@@ -424,6 +425,12 @@ settings! {
     // QEMU: basics
     qemu_bin_path: PathBuf = "MANAGER_QEMU_BIN_PATH", "qemu.bin_path", "qemu-system-x86_64", "QEMU binary";
     qemu_use_sudo: bool = "MANAGER_QEMU_USE_SUDO", "qemu.use_sudo", "false", "Run QEMU through sudo";
+    // QEMU: least privilege (README: Least privilege)
+    qemu_user: String = "MANAGER_QEMU_USER", "qemu.user", "cocos-qemu", "User QEMU and its helpers (swtpm, swtpm_setup, qemu-img) run as: the manager drops to it between fork and exec. Empty = as the manager, the only valid value when the manager is not root";
+    qemu_group: String = "MANAGER_QEMU_GROUP", "qemu.group", "cocos-qemu", "Primary group of QEMU and its helpers (empty = the user's own; ignored when MANAGER_QEMU_USER is empty); /dev/kvm and /dev/sev are reached through the user's supplementary groups (e.g. kvm)";
+    qemu_vm_gid_base: u32 = "MANAGER_QEMU_VM_GID_BASE", "qemu.vm_gid_base", "1879048192", "First of 65536 group ids given one per VM: its folder's group, held only by its own processes, so one VM's QEMU cannot reach another VM's files";
+    qemu_sandbox: String = "MANAGER_QEMU_SANDBOX", "qemu.sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "QEMU's seccomp sandbox, the -sandbox value (empty = none)";
+    disk_dir: PathBuf = "MANAGER_DISK_DIR", "disk_dir", "/var/lib/cocos-manager", "Directory of the VMs' disk images (MANAGER_QEMU_ENABLE_DISK), on persistent storage: <disk_dir>/disks/<id>/disk.qcow2; relative = to the manager's working directory";
     qemu_machine: QemuWord = "MANAGER_QEMU_MACHINE", "qemu.machine", "q35", "QEMU machine type";
     qemu_cpu: QemuWord = "MANAGER_QEMU_CPU", "qemu.cpu", "EPYC", "CPU model";
     qemu_enable_kvm: bool = "MANAGER_QEMU_ENABLE_KVM", "qemu.enable_kvm", "true", "Enable KVM acceleration";
@@ -438,6 +445,13 @@ settings! {
     qemu_max_memory: QemuSize = "MANAGER_QEMU_MAX_MEMORY", "qemu.max_memory", "30G", "Maximum memory size";
     qemu_smp_count: u32 = "MANAGER_QEMU_SMP_COUNT", "qemu.smp_count", "4", "Virtual CPUs";
     qemu_smp_maxcpus: u32 = "MANAGER_QEMU_SMP_MAXCPUS", "qemu.smp_maxcpus", "64", "Maximum virtual CPUs";
+    // Per-VM cgroups (README: Per-VM cgroups)
+    cgroups: crate::cgroup::CgroupMode = "MANAGER_CGROUPS", "cgroups.mode", "auto", "Per-VM cgroups (QEMU and its swtpm in <manager's cgroup>/cocos-vm-<id>, with memory, CPU and pids limits): auto (when the cpu, memory and pids controllers are writable; warned once otherwise) or off";
+    cgroup_memory_limit: ByteSize = "MANAGER_CGROUP_MEMORY_LIMIT", "cgroups.memory_limit", "0", "Memory limit of each VM's cgroup (0 = MANAGER_QEMU_MEMORY_SIZE + MANAGER_CGROUP_MEMORY_OVERHEAD + MANAGER_CGROUP_MEMORY_OVERHEAD_PERCENT of the guest memory, rounded up to a MiB)";
+    cgroup_memory_overhead: ByteSize = "MANAGER_CGROUP_MEMORY_OVERHEAD", "cgroups.memory_overhead", "256M", "Fixed part of the memory a VM's cgroup allows beyond its guest memory (QEMU itself, its swtpm)";
+    cgroup_memory_overhead_percent: u32 = "MANAGER_CGROUP_MEMORY_OVERHEAD_PERCENT", "cgroups.memory_overhead_percent", "2", "Share of the guest memory, in percent, a VM's cgroup allows on top (page tables, device buffers)";
+    cgroup_cpus: crate::cgroup::CgroupCpus = "MANAGER_CGROUP_CPUS", "cgroups.cpus", "0", "CPU limit of each VM's cgroup in cores, fractions allowed (0 = MANAGER_QEMU_SMP_COUNT), as a CFS quota per 100ms";
+    cgroup_pids_max: u32 = "MANAGER_CGROUP_PIDS_MAX", "cgroups.pids_max", "1024", "Most processes and threads in each VM's cgroup (0 = no limit)";
     qemu_mem_id: QemuWord = "MANAGER_QEMU_MEM_ID", "qemu.mem_id", "ram1", "Memory backend id";
     // QEMU: OVMF
     qemu_ovmf_code_file: PathBuf = "MANAGER_QEMU_OVMF_CODE_FILE", "qemu.ovmf_code_file", "/usr/share/OVMF/OVMF_CODE.fd", "OVMF code file";
@@ -543,6 +557,24 @@ impl SettingValue for VtpmMode {
             "swtpm" => Ok(VtpmMode::Swtpm),
             other => Err(format!("{other:?} is not one of: none, swtpm")),
         }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for crate::cgroup::CgroupMode {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.parse()
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl SettingValue for crate::cgroup::CgroupCpus {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.parse()
     }
     fn show(&self) -> String {
         self.to_string()
@@ -806,6 +838,7 @@ impl Config {
                 ),
             ));
         }
+        crate::privilege::validate(self)?;
         Ok(())
     }
 }
@@ -992,25 +1025,14 @@ pub fn render_reference_table() -> String {
 }
 
 fn toml_literal(setting: &Setting) -> String {
-    let bools = [
-        "MANAGER_QEMU_USE_SUDO",
-        "MANAGER_QEMU_ENABLE_KVM",
-        "MANAGER_QEMU_NO_GRAPHIC",
-        "MANAGER_QEMU_VIRTIO_NET_PCI_IOMMU_PLATFORM",
-        "MANAGER_QEMU_ENABLE_DISK",
-        "MANAGER_QEMU_ENABLE_SEV_SNP",
-        "MANAGER_QEMU_ENABLE_HOST_DATA",
-        "MANAGER_QEMU_ENABLE_TDX",
-        "MANAGER_SHUTDOWN_STOP_VMS",
-    ];
     let is_number = !setting.default.is_empty()
         && setting
             .default
             .chars()
             .all(|c| c.is_ascii_digit() || c == '.');
-    if bools.contains(&setting.env)
-        || (is_number && setting.env != "MANAGER_QEMU_VIRTIO_NET_PCI_ADDR")
-    {
+    // Every boolean setting defaults to true or false; no other does.
+    let is_bool = matches!(setting.default, "true" | "false");
+    if is_bool || (is_number && setting.env != "MANAGER_QEMU_VIRTIO_NET_PCI_ADDR") {
         setting.default.to_string()
     } else {
         format!("{:?}", setting.default)

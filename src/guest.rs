@@ -2,6 +2,7 @@
 //! env share and the certificate files of the certs share, after checking
 //! that no value can inject a line, an argument or a kernel parameter.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::duration::{format_go_duration, parse_go_duration, DurationError};
@@ -35,8 +36,9 @@ fn field_error(field: &'static str, reason: impl Into<String>) -> FieldError {
     }
 }
 
-/// A file for the certs share.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A file for the certs share. Its `Debug` shows the name and size, never
+/// the content.
+#[derive(Clone, PartialEq, Eq)]
 pub struct CertFile {
     pub name: &'static str,
     pub content: Vec<u8>,
@@ -44,13 +46,122 @@ pub struct CertFile {
     pub secret: bool,
 }
 
-/// A create request that passed every check.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl fmt::Debug for CertFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertFile")
+            .field("name", &self.name)
+            .field("content", &Hidden::bytes(&self.content))
+            .field("secret", &self.secret)
+            .finish()
+    }
+}
+
+/// A create request that passed every check. Its `Debug` hides every
+/// secret (see [`Redacted`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct ValidatedCreate {
     pub ttl: Option<Duration>,
     pub aa_kbs_params: String,
     pub certs: Vec<CertFile>,
     req: CreateReq,
+}
+
+impl fmt::Debug for ValidatedCreate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidatedCreate")
+            .field("ttl", &self.ttl)
+            .field("aa_kbs_params", &self.aa_kbs_params)
+            .field("certs", &self.certs)
+            .field("req", &Redacted(&self.req))
+            .finish()
+    }
+}
+
+/// The fields of a `CreateReq` that carry a key, a token or a secret. Their
+/// values never appear in a log line, an error message or `Debug` output.
+pub const SECRET_FIELDS: [&str; 4] = [
+    "agent_cvm_client_key",
+    "agent_certs_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+];
+
+/// Whether `field` of a `CreateReq` carries a secret.
+pub fn is_secret_field(field: &str) -> bool {
+    SECRET_FIELDS.contains(&field)
+}
+
+/// A value shown in `Debug` output without its content.
+enum Hidden {
+    /// A secret: only whether it is set.
+    Secret(bool),
+    /// Bytes that are not secret but not worth printing: their size.
+    Bytes(usize),
+}
+
+impl Hidden {
+    fn secret(value: &[u8]) -> Hidden {
+        Hidden::Secret(!value.is_empty())
+    }
+
+    fn bytes(value: &[u8]) -> Hidden {
+        Hidden::Bytes(value.len())
+    }
+}
+
+impl fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hidden::Secret(true) => f.write_str("<redacted>"),
+            Hidden::Secret(false) => f.write_str("<empty>"),
+            Hidden::Bytes(n) => write!(f, "<{n} bytes>"),
+        }
+    }
+}
+
+/// `Debug` of a create request with every secret field (see
+/// [`SECRET_FIELDS`]) shown as `<redacted>` (or `<empty>`) and the
+/// certificates by size. The generated wire types derive a `Debug` that
+/// prints everything: the daemon never formats them, only this.
+pub struct Redacted<'a>(pub &'a CreateReq);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        f.debug_struct("CreateReq")
+            .field("agent_log_level", &r.agent_log_level)
+            .field(
+                "agent_cvm_server_ca_cert",
+                &Hidden::bytes(&r.agent_cvm_server_ca_cert),
+            )
+            .field(
+                "agent_cvm_client_key",
+                &Hidden::secret(&r.agent_cvm_client_key),
+            )
+            .field(
+                "agent_cvm_client_cert",
+                &Hidden::bytes(&r.agent_cvm_client_cert),
+            )
+            .field("agent_cvm_server_url", &r.agent_cvm_server_url)
+            .field("agent_cvm_ca_url", &r.agent_cvm_ca_url)
+            .field("ttl", &r.ttl)
+            .field(
+                "agent_certs_token",
+                &Hidden::secret(r.agent_certs_token.as_bytes()),
+            )
+            .field(
+                "aws_access_key_id",
+                &Hidden::secret(r.aws_access_key_id.as_bytes()),
+            )
+            .field(
+                "aws_secret_access_key",
+                &Hidden::secret(r.aws_secret_access_key.as_bytes()),
+            )
+            .field("aws_endpoint_url", &r.aws_endpoint_url)
+            .field("aws_region", &r.aws_region)
+            .field("aa_kbs_params", &r.aa_kbs_params)
+            .finish()
+    }
 }
 
 impl ValidatedCreate {
@@ -98,9 +209,15 @@ fn check_text(field: &'static str, value: &str) -> Result<(), FieldError> {
         ));
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
+        // Not even one character of a secret is quoted.
+        let which = if is_secret_field(field) {
+            "a control character (not shown: the field is secret)".to_string()
+        } else {
+            format!("the control character {c:?}")
+        };
         return Err(field_error(
             field,
-            format!("contains the control character {c:?}; newlines and NUL could inject lines into the guest's environment"),
+            format!("contains {which}; newlines and NUL could inject lines into the guest's environment"),
         ));
     }
     Ok(())
@@ -510,5 +627,88 @@ mod tests {
         };
         let v = validate_create(&req).expect("binary content is fine in a file");
         assert_eq!(v.certs[0].content, vec![0, 10, 13, 255]);
+    }
+
+    /// A request with a unique, recognisable value in each secret field.
+    fn planted() -> (CreateReq, [&'static str; 4]) {
+        let secrets = [
+            "PLANTED-client-key-7f3a",
+            "PLANTED-certs-token-91bc",
+            "PLANTED-access-key-id-05de",
+            "PLANTED-secret-access-key-c4e8",
+        ];
+        let req = CreateReq {
+            agent_cvm_client_key: secrets[0].as_bytes().to_vec(),
+            agent_certs_token: secrets[1].into(),
+            aws_access_key_id: secrets[2].into(),
+            aws_secret_access_key: secrets[3].into(),
+            ..full_request()
+        };
+        (req, secrets)
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let (req, secrets) = planted();
+        let v = validate_create(&req).expect("valid");
+        for shown in [
+            format!("{v:?}"),
+            format!("{v:#?}"),
+            format!("{:?}", Redacted(&req)),
+            format!("{:?}", v.certs),
+        ] {
+            for secret in secrets {
+                assert!(!shown.contains(secret), "{secret} shown in {shown}");
+            }
+            assert!(
+                shown.contains("<redacted>") || shown.contains("bytes>"),
+                "{shown}"
+            );
+        }
+        let shown = format!("{:?}", Redacted(&req));
+        assert!(shown.contains("aws_region: \"eu-west-1\""), "{shown}");
+        assert!(
+            shown.contains("agent_cvm_client_cert: <4 bytes>"),
+            "{shown}"
+        );
+        let empty = format!("{:?}", Redacted(&CreateReq::default()));
+        assert!(empty.contains("agent_certs_token: <empty>"), "{empty}");
+    }
+
+    #[test]
+    fn errors_about_secret_fields_quote_nothing_of_them() {
+        type Poke = fn(&mut CreateReq, String);
+        let fields: [(&str, Poke); 3] = [
+            ("agent_certs_token", |r, v| r.agent_certs_token = v),
+            ("aws_access_key_id", |r, v| r.aws_access_key_id = v),
+            ("aws_secret_access_key", |r, v| r.aws_secret_access_key = v),
+        ];
+        for (field, poke) in fields {
+            for value in [
+                "PLANTED-secret\u{7}with-bell".to_string(),
+                format!("PLANTED-secret{}", "x".repeat(MAX_FIELD_BYTES)),
+            ] {
+                let mut req = full_request();
+                poke(&mut req, value);
+                let err = validate_create(&req).expect_err(field);
+                assert_eq!(err.field, field);
+                let text = err.to_string();
+                assert!(!text.contains("PLANTED"), "{text}");
+                assert!(!text.contains("\\u{7}"), "{text}");
+            }
+        }
+        let mut req = full_request();
+        req.agent_cvm_client_key = [b"PLANTED".as_slice(), &[0; MAX_CERT_BYTES]].concat();
+        let err = validate_create(&req).expect_err("too large");
+        assert!(!err.to_string().contains("PLANTED"), "{err}");
+        // A field that is not secret still names the character.
+        let mut req = full_request();
+        req.aws_region = "eu\u{7}".into();
+        let err = validate_create(&req).expect_err("bell");
+        assert!(err.to_string().contains("'\\u{7}'"), "{err}");
+        for secret in SECRET_FIELDS {
+            assert!(is_secret_field(secret));
+        }
+        assert!(!is_secret_field("aws_region"));
     }
 }

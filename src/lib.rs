@@ -6,11 +6,13 @@
 //! The actors crate owns every effect and calls into this crate.
 
 pub mod attestation;
+pub mod cgroup;
 pub mod config;
 pub mod duration;
 pub mod guest;
 pub mod lifecycle;
 pub mod ports;
+pub mod privilege;
 pub mod qemu;
 pub mod record;
 pub mod restart;

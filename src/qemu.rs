@@ -1,6 +1,6 @@
 //! The QEMU command line, built exactly as the original orders it (operators
-//! diff it), followed by our additions: a QMP control socket and a console
-//! socket the manager logs from.
+//! diff it), followed by our additions: QEMU's seccomp sandbox, a QMP
+//! control socket and a console socket the manager logs from.
 
 use std::path::{Path, PathBuf};
 
@@ -303,8 +303,11 @@ pub fn command_line(config: &Config, spec: &LaunchSpec<'_>) -> Vec<String> {
         ]);
     }
 
-    // Ours: a TPM on the VM's own swtpm, a name for ps, the QMP control
-    // socket and the serial console.
+    // Ours: QEMU's seccomp sandbox, a TPM on the VM's own swtpm, a name for
+    // ps, the QMP control socket and the serial console.
+    if !config.qemu_sandbox.is_empty() {
+        push(&["-sandbox", config.qemu_sandbox.as_str()]);
+    }
     if config.qemu_vtpm == VtpmMode::Swtpm {
         push(&[
             "-chardev",

@@ -6,6 +6,7 @@
 //! (`cocos_core`), with `PortAllocator` and `ZombieReaper` serving the VMs.
 
 mod attest;
+mod cgroups;
 mod cvm;
 mod error;
 mod failfast;
@@ -153,8 +154,7 @@ fn refuse_unsupported(config: &Config) -> Result<(), String> {
             "invalid MANAGER_QEMU_USE_SUDO (file key `qemu.use_sudo`) = \"true\": not supported: \
              the manager would watch and signal `sudo` instead of QEMU, so stops, restarts and \
              re-adoption would miss the VM. Set it to false and run the manager as root (as the \
-             systemd unit does); running QEMU as an unprivileged user is planned as \
-             MANAGER_QEMU_USER"
+             systemd unit does); QEMU then runs as the unprivileged MANAGER_QEMU_USER"
                 .into(),
         );
     }
@@ -250,6 +250,11 @@ fn main() -> ExitCode {
         return system.block_on(print_attestation_policy(loaded.config));
     }
 
+    // Refused before anything starts, like a bad setting.
+    if let Err(e) = front::tls::check_plaintext(&loaded.config) {
+        eprintln!("cocos-manager: configuration error: {e}");
+        return ExitCode::from(2);
+    }
     let (filter, log_guard) = init_logging(&loaded.config);
     // A panic on any thread is logged and ends the process (fail-fast).
     failfast::install(log_guard);
@@ -351,6 +356,8 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         Ok(count) => info!(count, "VMs re-adopted"),
         Err(e) => error!(error = %e, "re-adoption failed"),
     }
+    // Per-VM cgroups: found (or warned about) once; those of VMs gone removed.
+    cgroups::start(config.clone()).await;
 
     let grpc = match front::grpc::GrpcServer::bind(&config, supervisor.clone()).await {
         Ok(server) => server,
@@ -371,6 +378,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let health = grpc.health.clone();
+    let grpc_tls = grpc.tls_reloader();
     let grpc_task = tokio::spawn(grpc.serve(wait_stop(stop_rx.clone())));
     let http_task = tokio::spawn({
         let config = config.clone();
@@ -402,6 +410,8 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             _ = hup.recv() => {
                 notify::notify("RELOADING=1");
                 current = reload(&source, current, &filter, &supervisor, &ports, &reaper).await;
+                // The TLS files named by the configuration in force, read again.
+                grpc_tls.reload(&current);
                 notify::notify("READY=1");
             }
             result = &mut grpc_task => {

@@ -7,7 +7,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use cocos_core::config::Config;
+use cocos_core::privilege::{self, DropPlan, PrivilegeError, UserFacts};
 use cocos_core::record::start_time_from_stat;
+use std::ffi::CString;
 
 use nix::sys::wait::WaitStatus;
 
@@ -111,6 +114,137 @@ pub fn identify(pid: i32) -> Option<Identity> {
         exe,
         cmdline,
     })
+}
+
+/// The system's entry for user `name` (getpwnam_r, getgrouplist); None if
+/// there is no such user.
+pub fn lookup_user(name: &str) -> io::Result<Option<UserFacts>> {
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: passwd is plain data; getpwnam_r fills it with pointers into
+    // `buf`, which outlives every use below.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    loop {
+        // SAFETY: all pointers are valid for the sizes given.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 => break,
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+    if found.is_null() {
+        return Ok(None);
+    }
+    let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut count = groups.len() as libc::c_int;
+        // SAFETY: `groups` holds `count` entries; the call writes at most
+        // that many and says how many there are.
+        let rc =
+            unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+        if rc >= 0 {
+            groups.truncate(usize::try_from(count).unwrap_or(0));
+            break;
+        }
+        if groups.len() >= 1 << 16 {
+            return Err(io::Error::other(format!(
+                "user {name} is in too many groups"
+            )));
+        }
+        let want = usize::try_from(count).unwrap_or(0);
+        groups.resize(want.max(groups.len() * 2), 0);
+    }
+    Ok(Some(UserFacts { uid, gid, groups }))
+}
+
+/// The id of group `name` (getgrnam_r); None if there is no such group.
+pub fn lookup_group(name: &str) -> io::Result<Option<u32>> {
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    group_entry(|grp, buf, len, found| {
+        // SAFETY: forwarded from group_entry, which owns the buffers.
+        unsafe { libc::getgrnam_r(cname.as_ptr(), grp, buf, len, found) }
+    })
+}
+
+/// Whether the system knows a group with id `gid` (getgrgid_r).
+pub fn group_exists(gid: u32) -> bool {
+    group_entry(|grp, buf, len, found| {
+        // SAFETY: forwarded from group_entry, which owns the buffers.
+        unsafe { libc::getgrgid_r(gid, grp, buf, len, found) }
+    })
+    .map(|g| g.is_some())
+    // When the database cannot be read, assume taken: a per-VM group must
+    // never be one that means something else.
+    .unwrap_or(true)
+}
+
+fn group_entry(
+    mut call: impl FnMut(
+        *mut libc::group,
+        *mut libc::c_char,
+        libc::size_t,
+        *mut *mut libc::group,
+    ) -> libc::c_int,
+) -> io::Result<Option<u32>> {
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: group is plain data, filled by the call with pointers into buf.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    loop {
+        let rc = call(&mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut found);
+        match rc {
+            0 => break,
+            libc::ERANGE if buf.len() < 1 << 22 => buf.resize(buf.len() * 4, 0),
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+    Ok((!found.is_null()).then_some(grp.gr_gid))
+}
+
+/// The manager's effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Who QEMU and its helpers run as under `config`: looked up now, so a
+/// user created (or removed) since the start counts. `Ok(None)`: as the
+/// manager.
+pub fn qemu_drop_plan(config: &Config) -> Result<Option<DropPlan>, PrivilegeError> {
+    if config.qemu_user.is_empty() {
+        return Ok(None);
+    }
+    let lookup = |e: io::Error| PrivilegeError::Lookup(e.to_string());
+    let user = lookup_user(&config.qemu_user).map_err(lookup)?;
+    let group = if config.qemu_group.is_empty() {
+        None
+    } else {
+        lookup_group(&config.qemu_group).map_err(lookup)?
+    };
+    privilege::plan(
+        &config.qemu_user,
+        &config.qemu_group,
+        euid(),
+        user.as_ref(),
+        group,
+    )
 }
 
 struct PidFdRef(Arc<OwnedFd>);

@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use actix::prelude::*;
+use cocos_core::privilege::DropPlan;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
@@ -33,6 +34,18 @@ pub struct Spawn {
     pub argv: Vec<String>,
     pub output: File,
     pub notify: Recipient<ChildExited>,
+}
+
+/// Start a program as another user, with extra descriptors: `fds[i]` is
+/// descriptor `3 + i` in the child (the sockets and files a process that
+/// cannot open them itself is handed).
+#[derive(Message)]
+#[rtype(result = "io::Result<Spawned>")]
+pub struct SpawnAs {
+    pub spawn: Spawn,
+    /// Who the child becomes between fork and exec (`None`: the manager).
+    pub user: Option<DropPlan>,
+    pub fds: Vec<OwnedFd>,
 }
 
 pub struct Spawned {
@@ -98,20 +111,118 @@ impl Handler<Spawn> for ZombieReaper {
     type Result = io::Result<Spawned>;
 
     fn handle(&mut self, msg: Spawn, _ctx: &mut Self::Context) -> Self::Result {
+        self.start(msg, None, Vec::new())
+    }
+}
+
+impl Handler<SpawnAs> for ZombieReaper {
+    type Result = io::Result<Spawned>;
+
+    fn handle(&mut self, msg: SpawnAs, _ctx: &mut Self::Context) -> Self::Result {
+        self.start(msg.spawn, msg.user, msg.fds)
+    }
+}
+
+/// What the child does between fork and exec; only async-signal-safe
+/// calls on data prepared before the fork.
+struct ChildSetup {
+    /// Descriptors to put at 3, 4, …, all numbered above those targets.
+    fds: Vec<RawFd>,
+    /// uid, gid, supplementary groups.
+    user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+}
+
+impl ChildSetup {
+    fn run(&self) -> io::Result<()> {
+        let check = |rc: libc::c_int| {
+            if rc < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        for (i, fd) in self.fds.iter().enumerate() {
+            // dup2's copy is not close-on-exec: it survives the exec.
+            // SAFETY: both are plain descriptor numbers.
+            check(unsafe { libc::dup2(*fd, FIRST_PASSED_FD + i as RawFd) })?;
+        }
+        if let Some((uid, gid, groups)) = &self.user {
+            // Groups first, then the gid, then the uid: each step needs the
+            // privilege the next one gives up.
+            // SAFETY: `groups` is a live slice of its length.
+            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            // SAFETY: plain ids.
+            check(unsafe { libc::setresgid(*gid, *gid, *gid) })?;
+            // SAFETY: plain ids.
+            check(unsafe { libc::setresuid(*uid, *uid, *uid) })?;
+            // No way back: a process that could become root again is not
+            // what the plan said.
+            // SAFETY: setuid with a plain id; it must fail here.
+            if *uid != 0 && unsafe { libc::setuid(0) } == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            // Neither setuid binaries nor file capabilities can raise it
+            // again (QEMU's seccomp sandbox relies on it too).
+            // SAFETY: prctl with integer arguments.
+            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+        }
+        Ok(())
+    }
+}
+
+/// The descriptor number the first of `SpawnAs::fds` gets in the child.
+pub const FIRST_PASSED_FD: RawFd = 3;
+
+impl ZombieReaper {
+    fn start(
+        &mut self,
+        msg: Spawn,
+        user: Option<DropPlan>,
+        fds: Vec<OwnedFd>,
+    ) -> io::Result<Spawned> {
         let (program, args) = msg
             .argv
             .split_first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
         let stderr = msg.output.try_clone()?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(msg.output)
             .stderr(stderr)
             // Its own process group: a Ctrl-C meant for the manager must not
             // reach the VMs.
-            .process_group(0)
-            .spawn()?;
+            .process_group(0);
+        // Copies numbered above every target, so that putting one in place
+        // cannot overwrite another; close-on-exec, so none leaks.
+        let above = FIRST_PASSED_FD + fds.len() as RawFd;
+        let copies = fds
+            .iter()
+            .map(|fd| {
+                // SAFETY: F_DUPFD_CLOEXEC on a descriptor we hold returns a new one or -1.
+                let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) };
+                if copy < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: the kernel just gave us this descriptor.
+                Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+            })
+            .collect::<io::Result<Vec<OwnedFd>>>()?;
+        drop(fds);
+        let setup = ChildSetup {
+            fds: copies.iter().map(AsRawFd::as_raw_fd).collect(),
+            user: user.map(|plan| (plan.uid, plan.gid, plan.groups)),
+        };
+        if !setup.fds.is_empty() || setup.user.is_some() {
+            // SAFETY: `run` makes only async-signal-safe calls (dup2,
+            // setgroups, setresgid, setresuid, setuid, prctl) on data made
+            // before the fork, and allocates nothing.
+            unsafe { command.pre_exec(move || setup.run()) };
+        }
+        let child = command.spawn()?;
+        // The child has its own copies now (or failed to start).
+        drop(copies);
         let pid = child.id() as i32;
         // Dropping a std Child neither kills nor waits; we own its exit.
         drop(child);

@@ -19,7 +19,7 @@ use cocos_core::qemu::kernel_cmdline;
 use cocos_core::record::LaunchInfo;
 use futures::future::join_all;
 use nix::sys::signal::Signal;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::attest::Measurer;
 use crate::cvm::{Adopt, Boot, CvmActor, Services, Stop, VmGone, VmState};
@@ -269,6 +269,7 @@ impl Handler<VmInfo> for Supervisor {
             .get(&msg.0)
             .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
         let info = &entry.info;
+        debug!(vm = %msg.0, usage = %crate::cgroups::usage_text(&msg.0), "CVMInfo");
         Ok(CvmInfoRes {
             id: msg.0,
             ovmf_version: info.ovmf_version.clone(),

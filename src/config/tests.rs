@@ -108,7 +108,7 @@ fn defaults_match_the_document() {
     assert_eq!(c.qemu_disk_id.as_str(), "disk0");
     assert_eq!(c.qemu_disk_format.as_str(), "qcow2");
     assert_eq!(c.qemu_disk_scsi_id.as_str(), "scsi0");
-    assert_eq!(c.state_dir, PathBuf::from("/var/lib/cocos-manager"));
+    assert_eq!(c.state_dir, PathBuf::from("/run/cocos-manager"));
 }
 
 #[test]

@@ -43,14 +43,18 @@ fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The sandbox QEMU runs in by default (MANAGER_QEMU_SANDBOX).
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Our additions, identical in every mode.
 fn tail() -> String {
-    let d = format!("/var/lib/cocos-manager/vms/{ID}");
+    let d = format!("/run/cocos-manager/vms/{ID}");
     format!(
         "-fsdev local,id=cert_fs,path={d}/certs,security_model=mapped,readonly=on \
          -device virtio-9p-pci,fsdev=cert_fs,mount_tag=certs_share \
          -fsdev local,id=env_fs,path={d}/env,security_model=mapped,readonly=on \
          -device virtio-9p-pci,fsdev=env_fs,mount_tag=env_share \
+         -sandbox {SANDBOX} \
          -name cocos-{ID} \
          -chardev socket,id=qmp,path={d}/qmp.sock,server=on,wait=off \
          -mon chardev=qmp,mode=control \
@@ -72,7 +76,7 @@ fn plain_vm() {
     let expected = format!(
         "qemu-system-x86_64 -enable-kvm -machine q35 -cpu EPYC -smp 4,maxcpus=64 -m 2048M,slots=5,maxmem=30G \
          -drive if=pflash,format=raw,unit=0,file=/usr/share/OVMF/OVMF_CODE.fd,readonly=on \
-         -drive if=pflash,format=raw,unit=1,file=/var/lib/cocos-manager/vms/{ID}/OVMF_VARS.fd \
+         -drive if=pflash,format=raw,unit=1,file=/run/cocos-manager/vms/{ID}/OVMF_VARS.fd \
          {} -kernel img/bzImage -append quiet~console=null -initrd img/rootfs.cpio.gz \
          -nographic -monitor pty {}",
         net(),
@@ -171,9 +175,9 @@ fn disk_mode_with_sudo_and_no_kvm() {
     let expected = format!(
         "sudo qemu-system-x86_64 -machine q35 -cpu EPYC -smp 4,maxcpus=64 -m 2048M,slots=5,maxmem=30G \
          -drive if=pflash,format=raw,unit=0,file=/usr/share/OVMF/OVMF_CODE.fd,readonly=on \
-         -drive if=pflash,format=raw,unit=1,file=/var/lib/cocos-manager/vms/{ID}/OVMF_VARS.fd \
+         -drive if=pflash,format=raw,unit=1,file=/run/cocos-manager/vms/{ID}/OVMF_VARS.fd \
          {} \
-         -drive file=/var/lib/cocos-manager/vms/{ID}/disk.qcow2,if=none,id=disk0,format=qcow2 \
+         -drive file=/run/cocos-manager/vms/{ID}/disk.qcow2,if=none,id=disk0,format=qcow2 \
          -device virtio-scsi-pci,id=scsi0,disable-legacy=on,iommu_platform=true \
          -device scsi-hd,drive=disk0,bus=scsi0.0 \
          -monitor pty {}",
@@ -268,11 +272,71 @@ fn swtpm_gives_a_tpm_crb_device_on_the_vms_own_socket() {
         ("MANAGER_QEMU_VTPM", "swtpm"),
     ]);
     let got = argv(&c, "").join(" ");
-    let d = format!("/var/lib/cocos-manager/vms/{ID}");
+    let d = format!("/run/cocos-manager/vms/{ID}");
     assert!(
         got.contains(&format!(
             "-chardev socket,id=chrtpm,path={d}/swtpm.sock -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0 -name cocos-{ID}"
         )),
         "{got}"
+    );
+}
+
+#[test]
+fn sandbox_is_on_by_default_among_our_additions() {
+    let c = config(&[("MANAGER_QEMU_ENABLE_SEV_SNP", "false")]);
+    let got = argv(&c, "");
+    let at = got.iter().position(|a| a == "-sandbox").expect("-sandbox");
+    assert_eq!(got[at + 1], SANDBOX);
+    // After the original's options, before the name and control sockets.
+    let name = got.iter().position(|a| a == "-name").expect("-name");
+    let fsdev = got.iter().rposition(|a| a == "-fsdev").expect("-fsdev");
+    assert!(fsdev < at && at < name, "{got:?}");
+    assert_eq!(got.iter().filter(|a| *a == "-sandbox").count(), 1);
+}
+
+#[test]
+fn sandbox_can_be_set_or_turned_off() {
+    let custom = config(&[
+        ("MANAGER_QEMU_ENABLE_SEV_SNP", "false"),
+        ("MANAGER_QEMU_SANDBOX", "on,elevateprivileges=children"),
+    ]);
+    let got = argv(&custom, "").join(" ");
+    assert!(
+        got.contains(" -sandbox on,elevateprivileges=children "),
+        "{got}"
+    );
+    let none = config(&[
+        ("MANAGER_QEMU_ENABLE_SEV_SNP", "false"),
+        ("MANAGER_QEMU_SANDBOX", ""),
+    ]);
+    assert!(!argv(&none, "").iter().any(|a| a.contains("sandbox")));
+}
+
+#[test]
+fn a_bad_sandbox_value_is_refused_at_load() {
+    let inputs = ConfigInputs {
+        env: [(
+            "MANAGER_QEMU_SANDBOX".to_string(),
+            "on,spawn=sometimes".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+        cwd: "/".into(),
+        ..Default::default()
+    };
+    let err = load(&inputs).expect_err("refused").to_string();
+    assert!(err.contains("MANAGER_QEMU_SANDBOX"), "{err}");
+    assert!(err.contains("spawn=sometimes"), "{err}");
+}
+
+#[test]
+fn the_disk_in_the_vm_folder_stays_where_records_expect_it() {
+    // The image itself lives under MANAGER_DISK_DIR; the VM folder holds a
+    // link to it, so the command line and the records keep this path.
+    let c = config(&[("MANAGER_DISK_DIR", "/srv/disks")]);
+    let paths = VmPaths::new(&c, ID);
+    assert_eq!(
+        paths.disk,
+        PathBuf::from(format!("/run/cocos-manager/vms/{ID}/disk.qcow2"))
     );
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
 use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
@@ -22,14 +22,14 @@ use nix::sys::signal::Signal;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::files;
+use super::files::{self, VmUser};
 use super::qmp::{Qmp, QmpEvent};
 use super::Services;
 use crate::attest::attestation_state;
 use crate::error::ApiError;
 use crate::ports::{Release, Reserve};
 use crate::process::{pidfd_signal, ExitStatus, Identity};
-use crate::reaper::{ChildExited, Spawn};
+use crate::reaper::{ChildExited, Spawn, SpawnAs};
 
 /// How many ports a first boot tries when QEMU reports the forwarded port
 /// taken (another process bound it after our probe).
@@ -146,8 +146,11 @@ impl Launcher {
     /// Measures the launch, makes the VM's files, reserves a port and
     /// launches. On error the port is released; the caller removes the files.
     pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<FirstBoot, ApiError> {
-        // Before anything is made: a launch we cannot attest is refused.
+        // Before anything is made: a launch we cannot attest is refused, and
+        // so is one whose QEMU user does not exist.
         let attestation = self.attestation(&create).await?;
+        let plan = crate::process::qemu_drop_plan(&self.config)
+            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
         // File work runs off the actor thread.
         let (config, paths, id, request) = (
             self.config.clone(),
@@ -155,10 +158,12 @@ impl Launcher {
             self.id.clone(),
             create.clone(),
         );
-        tokio::task::spawn_blocking(move || files::prepare(&config, &paths, &id, &request))
-            .await
-            .map_err(|e| ApiError::Internal(format!("file preparation did not finish: {e}")))?
-            .map_err(|e| e.to_api("cannot prepare the VM's files"))?;
+        tokio::task::spawn_blocking(move || {
+            files::prepare(&config, &paths, &id, &request, plan.as_ref())
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("file preparation did not finish: {e}")))?
+        .map_err(|e| e.to_api("cannot prepare the VM's files"))?;
         if self.config.qemu_enable_disk {
             self.prepare_disk().await?;
         }
@@ -220,9 +225,18 @@ impl Launcher {
     /// The VM's TPM state with its endorsement key, made once; restarts of
     /// the VM keep it, so the key stays the same.
     async fn prepare_tpm(&mut self) -> Result<(), ApiError> {
+        let user = self.user()?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&self.paths.tpm_dir)
+            .and_then(|()| {
+                // swtpm_setup and swtpm write it as QEMU's user.
+                files::own_dir(
+                    &self.paths.tpm_dir,
+                    cocos_core::privilege::Item::TpmDir,
+                    user.as_ref(),
+                )
+            })
             .map_err(|e| {
                 files::storage_error(
                     &format!("cannot create {}", self.paths.tpm_dir.display()),
@@ -235,20 +249,28 @@ impl Launcher {
             .to_string_lossy()
             .into_owned();
         let dir = self.paths.tpm_dir.to_string_lossy().into_owned();
-        self.run_tool(&[
-            &setup,
-            "--tpm2",
-            "--tpmstate",
-            &dir,
-            "--createek",
-            "--not-overwrite",
-        ])
+        self.run_tool(
+            &[
+                &setup,
+                "--tpm2",
+                "--tpmstate",
+                &dir,
+                "--createek",
+                "--not-overwrite",
+            ],
+            Vec::new(),
+        )
         .await
+    }
+
+    /// Who the VM's processes run as (`None`: as the manager).
+    fn user(&self) -> Result<Option<VmUser>, ApiError> {
+        files::vm_user(&self.config, &self.paths)
     }
 
     /// Starts the VM's swtpm and waits for its control socket, at most
     /// `MANAGER_START_TIMEOUT`. On failure nothing is left running.
-    async fn start_swtpm(&mut self) -> Result<Helper, ApiError> {
+    async fn start_swtpm(&mut self, user: Option<&VmUser>) -> Result<Helper, ApiError> {
         let socket = &self.paths.swtpm_socket;
         let _ = std::fs::remove_file(socket);
         let argv = vec![
@@ -268,10 +290,14 @@ impl Launcher {
         let spawned = self
             .services
             .reaper
-            .send(Spawn {
-                argv: argv.clone(),
-                output,
-                notify: self.notify.clone(),
+            .send(SpawnAs {
+                spawn: Spawn {
+                    argv: argv.clone(),
+                    output,
+                    notify: self.notify.clone(),
+                },
+                user: user.map(|u| u.plan.clone()),
+                fds: Vec::new(),
             })
             .await?
             .map_err(|e| ApiError::StartFailed(format!("cannot start {}: {e}", argv[0])))?;
@@ -280,7 +306,12 @@ impl Launcher {
         let identity = spawned.identity;
         let deadline = tokio::time::Instant::now() + self.config.start_timeout;
         let mut delay = Duration::from_millis(1);
+        // Into the VM's cgroup at once (README: Per-VM cgroups).
+        let attached = crate::cgroups::attach(&self.id, pid);
         let failure = loop {
+            if let Err(e) = &attached {
+                break e.clone();
+            }
             if let Some(status) = wait_exit(&mut self.exit, pid, Some(Duration::ZERO)).await {
                 let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
                 break format!("swtpm exited at start ({status}): {line}");
@@ -318,19 +349,33 @@ impl Launcher {
     }
 
     /// The VM's own writable disk: a copy of the source image, grown by
-    /// 1 GiB. It lives in the VM folder and goes with it.
+    /// 1 GiB, in its own folder under MANAGER_DISK_DIR (persistent storage),
+    /// linked from the VM folder; it goes with the VM. qemu-img runs as
+    /// QEMU's user and gets the source image as an open descriptor (the
+    /// operator's file need not be readable by that user).
     async fn prepare_disk(&mut self) -> Result<(), ApiError> {
+        let user = self.user()?;
+        let image = files::prepare_disk(&self.config, &self.paths, &self.id, user.as_ref())
+            .map_err(|e| e.to_api("cannot prepare the VM's disk"))?;
         let format = self.config.qemu_disk_format.to_string();
-        let source = self
-            .config
-            .qemu_src_disk_file
-            .to_string_lossy()
-            .into_owned();
-        let disk = self.paths.disk.to_string_lossy().into_owned();
-        let convert = ["qemu-img", "convert", "-O", &format, &source, &disk];
-        self.run_tool(&convert).await?;
-        self.run_tool(&["qemu-img", "resize", "-f", &format, &disk, "+1G"])
-            .await
+        let source = std::fs::File::open(&self.config.qemu_src_disk_file).map_err(|e| {
+            files::storage_error(
+                &format!(
+                    "cannot open MANAGER_QEMU_SRC_DISK_FILE {}",
+                    self.config.qemu_src_disk_file.display()
+                ),
+                &e,
+            )
+        })?;
+        let disk = image.to_string_lossy().into_owned();
+        let from = format!("/dev/fd/{}", crate::reaper::FIRST_PASSED_FD);
+        let convert = ["qemu-img", "convert", "-O", &format, &from, &disk];
+        self.run_tool(&convert, vec![source.into()]).await?;
+        self.run_tool(
+            &["qemu-img", "resize", "-f", &format, &disk, "+1G"],
+            Vec::new(),
+        )
+        .await
     }
 
     /// QEMU's and the helper tools' output, appended to the VM's QEMU log.
@@ -338,6 +383,9 @@ impl Launcher {
         OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            // The manager's own file: never through a link.
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&self.paths.qemu_log)
             .map_err(|e| {
                 files::storage_error(
@@ -347,17 +395,23 @@ impl Launcher {
             })
     }
 
-    /// Runs a helper program through the reaper and waits for it; its
-    /// output goes to the VM's QEMU log.
-    async fn run_tool(&mut self, argv: &[&str]) -> Result<(), ApiError> {
+    /// Runs a helper program through the reaper, as QEMU's user, and waits
+    /// for it; its output goes to the VM's QEMU log. `fds` are its
+    /// descriptors 3, 4, ….
+    async fn run_tool(&mut self, argv: &[&str], fds: Vec<OwnedFd>) -> Result<(), ApiError> {
+        let user = self.user()?;
         let output = self.open_qemu_log()?;
         let spawned = self
             .services
             .reaper
-            .send(Spawn {
-                argv: argv.iter().map(|a| a.to_string()).collect(),
-                output,
-                notify: self.notify.clone(),
+            .send(SpawnAs {
+                spawn: Spawn {
+                    argv: argv.iter().map(|a| a.to_string()).collect(),
+                    output,
+                    notify: self.notify.clone(),
+                },
+                user: user.map(|u| u.plan),
+                fds,
             })
             .await?
             .map_err(|e| ApiError::StartFailed(format!("cannot run {}: {e}", argv.join(" "))))?;
@@ -400,14 +454,55 @@ impl Launcher {
     /// Starts the VM's swtpm (when it has a vTPM), then `argv`, and waits
     /// until the VM is up. On failure no process is left.
     pub async fn launch(&mut self, argv: Vec<String>, port: u16) -> Result<Launched, LaunchError> {
+        let user = self.user().map_err(LaunchError::fatal)?;
+        // QEMU and swtpm create their sockets in the VM folder: it is open
+        // to them while they start, and closed (and swept) once they are up
+        // or gone.
+        if let Some(user) = &user {
+            files::open_window(&self.paths, user).map_err(|e| {
+                LaunchError::fatal(files::storage_error(
+                    &format!("cannot open {} to QEMU", self.paths.dir.display()),
+                    &e,
+                ))
+            })?;
+        }
+        let result = self.launch_as(argv, port, user.as_ref()).await;
+        if let Some(user) = &user {
+            match files::close_window(&self.paths, user) {
+                Ok(removed) if removed.is_empty() => {}
+                Ok(removed) => {
+                    warn!(vm = %self.id, ?removed, "removed what QEMU or swtpm made in the VM folder besides their sockets")
+                }
+                Err(e) => {
+                    error!(vm = %self.id, error = %e, "cannot close the VM folder to QEMU")
+                }
+            }
+        }
+        result
+    }
+
+    async fn launch_as(
+        &mut self,
+        argv: Vec<String>,
+        port: u16,
+        user: Option<&VmUser>,
+    ) -> Result<Launched, LaunchError> {
+        // The VM's cgroup, made once with its limits and kept across its
+        // restarts; its processes are moved in as they are spawned.
+        let (config, id) = (self.config.clone(), self.id.clone());
+        tokio::task::spawn_blocking(move || crate::cgroups::prepare(&config, &id))
+            .await
+            .map_err(|e| format!("cgroup set-up did not finish: {e}"))
+            .and_then(|made| made)
+            .map_err(|e| LaunchError::fatal(ApiError::StartFailed(e)))?;
         // The command decides, not today's configuration: a VM keeps the
         // devices it was created with across restarts and reloads.
         let swtpm = if argv.iter().any(|a| a == QEMU_TPMDEV) {
-            Some(self.start_swtpm().await.map_err(LaunchError::fatal)?)
+            Some(self.start_swtpm(user).await.map_err(LaunchError::fatal)?)
         } else {
             None
         };
-        let result = self.launch_qemu(argv, port).await;
+        let result = self.launch_qemu(argv, port, user).await;
         match result {
             Ok(mut launched) => {
                 launched.swtpm = swtpm;
@@ -422,7 +517,12 @@ impl Launcher {
         }
     }
 
-    async fn launch_qemu(&mut self, argv: Vec<String>, port: u16) -> Result<Launched, LaunchError> {
+    async fn launch_qemu(
+        &mut self,
+        argv: Vec<String>,
+        port: u16,
+        user: Option<&VmUser>,
+    ) -> Result<Launched, LaunchError> {
         let begun = std::time::Instant::now();
         let fatal = LaunchError::fatal;
         let quoted = shell_quote(&argv);
@@ -447,10 +547,14 @@ impl Launcher {
         let spawned = self
             .services
             .reaper
-            .send(Spawn {
-                argv: argv.clone(),
-                output: log,
-                notify: self.notify.clone(),
+            .send(SpawnAs {
+                spawn: Spawn {
+                    argv: argv.clone(),
+                    output: log,
+                    notify: self.notify.clone(),
+                },
+                user: user.map(|u| u.plan.clone()),
+                fds: Vec::new(),
             })
             .await
             .map_err(|e| fatal(e.into()))?
@@ -464,7 +568,12 @@ impl Launcher {
         let pidfd = Arc::new(spawned.pidfd);
         let identity = spawned.identity;
         let spawned_at = begun.elapsed();
-        let ready = self.wait_ready(pid, port).await;
+        // Into the VM's cgroup right after the spawn, before QMP answers:
+        // the rest of QEMU's start-up and the guest's memory are charged there.
+        let ready = match crate::cgroups::attach(&self.id, pid) {
+            Ok(()) => self.wait_ready(pid, port).await,
+            Err(e) => Err(Readiness::Failed(e)),
+        };
         debug!(vm = %self.id, spawn = ?spawned_at, ready = ?begun.elapsed(), "launch timing");
         match (ready, identity) {
             (Ok(qmp), Some(identity)) => Ok(Launched {
@@ -478,6 +587,9 @@ impl Launcher {
             }),
             (Err(Readiness::Exited(status)), _) => {
                 let line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
+                // Killed by the kernel for its cgroup's memory limit: that is the cause.
+                let killed = status == ExitStatus::Signaled(Signal::SIGKILL as i32);
+                let line = crate::cgroups::oom_note(&self.id, killed).unwrap_or(line);
                 Err(LaunchError {
                     retry_on_other_port: line.contains("host forwarding rule"),
                     error: ApiError::StartFailed(format!(

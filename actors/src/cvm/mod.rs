@@ -433,12 +433,15 @@ impl CvmActor {
         let mut exit = self.exit.subscribe();
         let grace = self.config.stop_term_timeout;
         let paths = self.paths.clone();
+        let id = self.id.clone();
         ctx.spawn(
             async move {
                 if let Some(helper) = helper {
                     end_process(&mut exit, &helper, grace).await;
                 }
                 tokio::task::spawn_blocking(move || {
+                    // Its processes are gone: its cgroup goes too.
+                    crate::cgroups::remove(&id);
                     files::remove(&paths).map_err(|e| e.to_string())
                 })
                 .await
@@ -597,7 +600,8 @@ impl Handler<Exited> for CvmActor {
     fn handle(&mut self, msg: Exited, ctx: &mut Self::Context) {
         let last_line = files::last_error_line(&self.paths.qemu_log).unwrap_or_default();
         if matches!(self.life.phase(), Phase::Running) {
-            warn!(vm = %self.id, status = %msg.status, kind = ?msg.kind, qemu_said = %last_line, "QEMU exited on its own");
+            let oom_kills = crate::cgroups::oom_kills(&self.id);
+            warn!(vm = %self.id, status = %msg.status, kind = ?msg.kind, qemu_said = %last_line, ?oom_kills, "QEMU exited on its own");
         } else {
             info!(vm = %self.id, status = %msg.status, "QEMU exited");
         }
@@ -786,7 +790,8 @@ impl Handler<Adopt> for CvmActor {
                     }
                 };
                 act.process = Some(Process { pid, pidfd, identity });
-                info!(vm = %act.id, pid, port, vtpm = act.swtpm.is_some(), "re-adopted VM");
+                let cgroup = crate::cgroups::adopt(&act.config, &act.id);
+                info!(vm = %act.id, pid, port, vtpm = act.swtpm.is_some(), cgroup, "re-adopted VM");
                 let control = act.qmp.is_some();
                 act.handle_event(ctx, Event::Launched { control });
                 Ok(port)

@@ -16,7 +16,7 @@ use cocos_core::config::Config;
 use cocos_core::duration::format_go_duration;
 use cocos_core::guest::{
     attestation_policy_from_wire, create_from_wire, cvm_info_from_wire, remove_from_wire,
-    validate_create, FieldError,
+    validate_create, FieldError, Redacted,
 };
 use cocos_core::proto::{AttestationPolicyRes, CreateRes, CvmInfoRes, FILE_DESCRIPTOR_SET};
 use cocos_core::server_proto::manager_service_server::{ManagerService, ManagerServiceServer};
@@ -24,14 +24,15 @@ use cocos_core::server_proto::{AttestationPolicyReq, CreateReq, CvmInfoReq, Remo
 use tokio::sync::oneshot;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::ApiError;
+use crate::front::tls::{ServerTls, TlsIncoming, TlsReloader};
 use crate::front::{LimitedIncoming, STATS};
 use crate::supervisor::{AttestationPolicy, CreateVm, RemoveVm, Supervisor, VmInfo};
 
@@ -254,6 +255,8 @@ impl ManagerService for ManagerApi {
     async fn create_vm(&self, request: Request<CreateReq>) -> Result<Response<CreateRes>, Status> {
         let deadline = Deadline::of(request.metadata(), self.timeout);
         let req = create_from_wire(request.into_inner()).map_err(refused("CreateVm"))?;
+        // Never the request itself: its derived Debug prints the secrets.
+        debug!(request = ?Redacted(&req), "CreateVm");
         let validated = validate_create(&req).map_err(refused("CreateVm"))?;
         let mut pending = PendingCreate::start(&self.supervisor, CreateVm(validated));
         match pending.wait(deadline.limit).await {
@@ -318,27 +321,6 @@ impl ManagerService for ManagerApi {
     }
 }
 
-fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
-}
-
-/// The TLS settings the configuration asks for, if any.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, String> {
-    if config.grpc_server_cert.as_os_str().is_empty() {
-        return Ok(None);
-    }
-    let cert = read_pem("MANAGER_GRPC_SERVER_CERT", &config.grpc_server_cert)?;
-    let key = read_pem("MANAGER_GRPC_SERVER_KEY", &config.grpc_server_key)?;
-    let mut tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
-    if !config.grpc_client_ca_certs.as_os_str().is_empty() {
-        let ca = read_pem("MANAGER_GRPC_CLIENT_CA_CERTS", &config.grpc_client_ca_certs)?;
-        tls = tls.client_ca_root(Certificate::from_pem(ca));
-    }
-    Ok(Some(tls))
-}
-
 /// The limits the server enforces, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Limits {
@@ -366,7 +348,7 @@ impl Limits {
 /// A bound gRPC server, ready to serve.
 pub struct GrpcServer {
     listener: tokio::net::TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: ServerTls,
     supervisor: Addr<Supervisor>,
     limits: Limits,
     pub health: HealthReporter,
@@ -375,7 +357,7 @@ pub struct GrpcServer {
 
 impl GrpcServer {
     pub async fn bind(config: &Config, supervisor: Addr<Supervisor>) -> Result<GrpcServer, String> {
-        let tls = tls_config(config)?;
+        let tls = ServerTls::load(config)?;
         let listener = tokio::net::TcpListener::bind((config.grpc_host.as_str(), config.grpc_port))
             .await
             .map_err(|e| {
@@ -394,6 +376,12 @@ impl GrpcServer {
             health,
             health_service,
         })
+    }
+
+    /// What SIGHUP calls to replace the certificate, key and client CA
+    /// while serving.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        self.tls.reloader()
     }
 
     /// Serves until `shutdown` completes, then finishes requests in flight.
@@ -434,13 +422,20 @@ impl GrpcServer {
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE);
-        let secure = self.tls.is_some();
-        if let Some(tls) = self.tls {
-            builder = builder.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+        let addr = self.listener.local_addr().ok();
+        if !self.tls.is_on() && addr.is_some_and(|a| !a.ip().to_canonical().is_loopback()) {
+            warn!(
+                ?addr,
+                "gRPC API serving plaintext on an address that is not loopback, as \
+                 MANAGER_GRPC_ALLOW_PLAINTEXT=true allows: requests, and the keys and tokens they \
+                 carry, cross the network unencrypted"
+            );
         }
         info!(
-            addr = ?self.listener.local_addr().ok(),
-            tls = secure,
+            ?addr,
+            tls = self.tls.is_on(),
+            mutual_tls = self.tls.mutual,
+            cert_sha256 = self.tls.cert_sha256.as_deref().unwrap_or(""),
             timeout = %format_go_duration(limits.timeout),
             max_connections = limits.max_connections,
             max_streams = limits.max_streams,
@@ -457,14 +452,27 @@ impl GrpcServer {
             .with_nodelay(Some(true))
             .with_keepalive(Some(TCP_KEEPALIVE));
         let incoming = LimitedIncoming::new(incoming, limits.max_connections, FIRST_BYTES_TIMEOUT);
-        builder
+        let router = builder
             .add_service(api)
             .add_service(self.health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(|e| format!("gRPC server: {e}"))
+            .add_service(reflection_v1alpha);
+        let served = match self.tls.current() {
+            // TLS is terminated here, not by tonic, so that SIGHUP can
+            // replace the certificate (see `front::tls`).
+            Some(current) => {
+                let incoming = TlsIncoming::new(incoming, current, TLS_HANDSHAKE_TIMEOUT);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        };
+        served.map_err(|e| format!("gRPC server: {e}"))
     }
 }
 

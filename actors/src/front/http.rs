@@ -105,6 +105,8 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         STATS.silent.load(Ordering::Relaxed),
         STATS.deadline_exceeded.load(Ordering::Relaxed),
     );
+    // Per-VM use, read from each VM's cgroup (README: Per-VM cgroups).
+    let text = text + &crate::cgroups::metrics_text();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
