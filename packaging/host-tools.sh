@@ -25,6 +25,9 @@ TOOLS=(
 	"swtpm_setup|swtpm-tools|swtpm_setup --version | head -n1"
 	"openssl|openssl|openssl version"
 	"python3|python3|python3 --version"
+	"setpriv|util-linux|setpriv --version"
+	"mount|mount|mount --version"
+	"dpkg-deb|dpkg|dpkg-deb --version | head -n1"
 )
 # Files the development profile and the tests read.
 FILES=(
@@ -85,6 +88,12 @@ check() {
 		printf '  %-20s %s\n' "sev-snp-measure" "$(python3 -m pip show sev-snp-measure 2>/dev/null | awk '$1 == "Version:" { print $2 }')"
 	else
 		printf '  %-20s MISSING (PyPI package sev-snp-measure: packaging/host-tools.sh install)\n' "sev-snp-measure"
+		bad=1
+	fi
+	if cargo deb --version >/dev/null 2>&1; then
+		printf '  %-20s %s\n' "cargo-deb" "$(cargo deb --version 2>&1 | head -n1)"
+	else
+		printf '  %-20s MISSING (crates.io cargo-deb: packaging/host-tools.sh install)\n' "cargo-deb"
 		bad=1
 	fi
 	local qv uv
@@ -153,6 +162,10 @@ install() {
 	if ! python3 -c 'import sevsnpmeasure' 2>/dev/null; then
 		log "pip install sev-snp-measure (the reference SEV-SNP launch digest, for known-answer tests)"
 		python3 -m pip install -q --disable-pip-version-check sev-snp-measure
+	fi
+	if ! cargo deb --version >/dev/null 2>&1; then
+		log "cargo install cargo-deb (builds the Debian package; tests/deb.rs)"
+		cargo install -q cargo-deb --version 3.8.0 --locked
 	fi
 	# An install can remove another tool: look again.
 	local still

@@ -92,9 +92,8 @@ pub fn preflight(config: &Config) -> Vec<String> {
 }
 
 /// Refuses a QEMU user that cannot be used: one that does not exist, or any
-/// user when the manager is not root. For the start and for reloads (to be
-/// called where the configuration is loaded, next to `refuse_unsupported`).
-#[allow(dead_code)]
+/// user when the manager is not root. Checked at start (a configuration
+/// error) and on each reload (the reload is refused).
 pub fn check_qemu_user(config: &Config) -> Result<(), String> {
     crate::process::qemu_drop_plan(config)
         .map(|_| ())

@@ -324,6 +324,11 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             return ExitCode::from(2);
         }
     };
+    // After the attestation files, so their errors are reported first.
+    if let Err(e) = host::check_qemu_user(&config) {
+        error!("configuration error: {e}");
+        return ExitCode::from(2);
+    }
     #[cfg(feature = "test-hooks")]
     let hook_measurer = measurer.clone();
     let supervisor = Supervisor::new(
@@ -508,6 +513,10 @@ async fn reload(
     new.http_host.clone_from(&current.http_host);
     new.http_port = current.http_port;
     new.state_dir.clone_from(&current.state_dir);
+    if let Err(e) = host::check_qemu_user(&new) {
+        error!(error = %e, "reload refused; the previous configuration stays in force");
+        return current;
+    }
     let new = Arc::new(new);
     // The files named may have changed even when their names did not.
     let doc_inputs = match attest::load_inputs(&new, reaper).await {
