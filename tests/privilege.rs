@@ -283,9 +283,11 @@ fn a_manager_that_is_not_root_refuses_a_qemu_user() {
             &format!("--regid={NOGROUP}"),
             "--clear-groups",
         ])
-        .arg(manager_binary())
-        .args(["--config", "config/dev.toml"])
-        .current_dir(repo_root())
+        // Copies it can reach, should the checkout be in a private folder.
+        .arg(reachable_by_anyone(&manager_binary()))
+        .arg("--config")
+        .arg(reachable_by_anyone(&repo_root().join("config/dev.toml")))
+        .current_dir(state.path())
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("MANAGER_STATE_DIR", state.path().join("state"))

@@ -62,7 +62,49 @@ pub fn dev_guest() -> (PathBuf, PathBuf) {
         "the development guest is missing in {}: run packaging/dev-guest/build.sh",
         dir.display()
     );
-    (kernel, rootfs)
+    (reachable_by_anyone(&kernel), reachable_by_anyone(&rootfs))
+}
+
+/// `path` itself when every user can reach it (each folder above it
+/// searchable by others, the file readable and, if it is a program,
+/// executable by them); otherwise a copy under a world-readable folder.
+/// QEMU runs as an unprivileged user in the development profile, and a
+/// checkout may live under a private folder (a 0700 temporary directory).
+pub fn reachable_by_anyone(path: &Path) -> PathBuf {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.mode()).unwrap_or(0);
+    let file_mode = mode(path);
+    let executable = file_mode & 0o111 != 0;
+    let file_ok = file_mode & 0o004 != 0 && (!executable || file_mode & 0o001 != 0);
+    let dirs_ok = path
+        .ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty())
+        .all(|d| mode(d) & 0o001 != 0);
+    if file_ok && dirs_ok {
+        return path.to_path_buf();
+    }
+    let shared = PathBuf::from("/tmp/cocos-test-assets");
+    std::fs::create_dir_all(&shared).expect("create /tmp/cocos-test-assets");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let meta = std::fs::metadata(path).expect("asset metadata");
+    let name = format!(
+        "{}-{}-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        meta.len(),
+        meta.mtime()
+    );
+    let copy = shared.join(name);
+    if !copy.exists() {
+        let tmp = shared.join(format!(".{}.{}", std::process::id(), meta.ino()));
+        std::fs::copy(path, &tmp).expect("copy asset");
+        let mode = if executable { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::rename(&tmp, &copy).expect("rename asset");
+    }
+    copy
 }
 
 /// A port nobody listens on right now.
@@ -328,7 +370,7 @@ pub fn stand_in() -> PathBuf {
         "{} is missing: cargo build --workspace",
         path.display()
     );
-    path
+    reachable_by_anyone(&path)
 }
 
 /// A manager whose VMs run the stand-in, with `extra` settings on top.
