@@ -15,7 +15,6 @@ use base64::Engine as _;
 use cocos_core::attestation::snp::test_firmware;
 use cocos_core::proto::{AttestationPolicyReq, CreateReq};
 use common::*;
-use sha2::{Digest, Sha256};
 use tonic::Code;
 
 const CMDLINE: &str = "console=ttyS0 quiet";
@@ -24,10 +23,6 @@ fn b64d(text: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .unwrap_or_else(|e| panic!("not base64 {text:?}: {e}"))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Firmware, kernel and initrd made by the test, and the PCR file.
@@ -122,31 +117,6 @@ async fn policy(client: &mut Client, id: &str) -> Result<serde_json::Value, toni
         .into_inner();
     assert_eq!(res.id, id);
     Ok(serde_json::from_slice(&res.info).expect("the policy is JSON"))
-}
-
-/// The recipe of the README, written out again here: SHA-256 over
-/// name ‖ 0 ‖ u64-le length ‖ content of each file the VM was given, in
-/// byte order of the names `certs/<file>` and `env/environment`.
-fn recompute_host_data(vm_dir: &Path) -> Vec<u8> {
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    for entry in std::fs::read_dir(vm_dir.join("certs"))
-        .expect("certs dir")
-        .flatten()
-    {
-        let name = format!("certs/{}", entry.file_name().to_string_lossy());
-        files.push((name, std::fs::read(entry.path()).expect("cert")));
-    }
-    let env = std::fs::read(vm_dir.join("env/environment")).expect("env file");
-    files.push(("env/environment".into(), env));
-    files.sort();
-    let mut hash = Sha256::new();
-    for (name, content) in files {
-        hash.update(name.as_bytes());
-        hash.update([0]);
-        hash.update((content.len() as u64).to_le_bytes());
-        hash.update(&content);
-    }
-    hash.finalize().to_vec()
 }
 
 /// The `host-data=` value on the VM's QEMU command line (from its record).

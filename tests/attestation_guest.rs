@@ -8,17 +8,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
 use cocos_core::proto::{CreateReq, RemoveReq};
 use common::*;
-use sha2::{Digest, Sha256};
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn request(aa: &str) -> CreateReq {
     CreateReq {
@@ -47,31 +41,6 @@ fn logged_digest(manager: &Manager, id: &str) -> String {
         .decode(b64.trim_matches('"'))
         .expect("base64");
     hex(&bytes)
-}
-
-/// The recipe, written out again by the test over the VM's folder.
-fn recompute(vm_dir: &Path) -> String {
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    for entry in std::fs::read_dir(vm_dir.join("certs"))
-        .expect("certs")
-        .flatten()
-    {
-        let name = format!("certs/{}", entry.file_name().to_string_lossy());
-        files.push((name, std::fs::read(entry.path()).expect("cert")));
-    }
-    files.push((
-        "env/environment".into(),
-        std::fs::read(vm_dir.join("env/environment")).expect("env"),
-    ));
-    files.sort();
-    let mut hash = Sha256::new();
-    for (name, content) in files {
-        hash.update(name.as_bytes());
-        hash.update([0]);
-        hash.update((content.len() as u64).to_le_bytes());
-        hash.update(&content);
-    }
-    hex(&hash.finalize())
 }
 
 async fn get(port: u16, path: &'static str) -> (u16, String) {
@@ -131,7 +100,7 @@ async fn guest_sees_its_host_data_and_swtpm_pcrs_follow_the_launch() {
         );
         assert_eq!(
             guest,
-            recompute(&manager.vms_dir().join(id)),
+            hex(&recompute_host_data(&manager.vms_dir().join(id))),
             "VM {id}: guest vs test"
         );
         assert!(

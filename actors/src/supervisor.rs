@@ -535,10 +535,9 @@ async fn kill_strays(vms_dir: PathBuf, known: HashMap<String, Recorded>) {
 }
 
 /// A VM folder without a record is a create the previous manager never
-/// finished. A QEMU it may have started (its command names this folder) is
-/// killed, then the folder is removed.
+/// finished; its folder is removed (any QEMU or swtpm it started was killed
+/// by `kill_strays`, which runs first).
 async fn sweep_unfinished(folder: String, dir: PathBuf) {
-    // Its processes, if any, were killed by `kill_strays` already.
     info!(vm = %folder, "removing the folder of an unfinished create");
     let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
         .await

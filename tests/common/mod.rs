@@ -316,8 +316,8 @@ impl Drop for Manager {
     }
 }
 
-/// QEMU processes whose command line mentions `needle`.
-pub fn pids_matching(needle: &str) -> Vec<i32> {
+/// Processes whose command line (arguments joined by spaces) satisfies `keep`.
+fn pids_where(keep: impl Fn(&str) -> bool) -> Vec<i32> {
     let mut pids = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
@@ -327,13 +327,17 @@ pub fn pids_matching(needle: &str) -> Vec<i32> {
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
                 continue;
             };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) && cmdline.contains("-name cocos-") {
+            if keep(&String::from_utf8_lossy(&cmdline).replace('\0', " ")) {
                 pids.push(pid);
             }
         }
     }
     pids
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn pids_matching(needle: &str) -> Vec<i32> {
+    pids_where(|cmdline| cmdline.contains(needle) && cmdline.contains("-name cocos-"))
 }
 
 pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
@@ -343,23 +347,42 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
 /// `swtpm` processes whose command line mentions `needle` (a VM's swtpm
 /// names its state and socket in the VM folder).
 pub fn swtpm_pids_matching(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let is_swtpm = cmdline.starts_with("swtpm") || cmdline.contains("/swtpm ");
-            if is_swtpm && cmdline.contains(needle) {
-                pids.push(pid);
-            }
-        }
+    pids_where(|cmdline| {
+        let is_swtpm = cmdline.starts_with("swtpm") || cmdline.contains("/swtpm ");
+        is_swtpm && cmdline.contains(needle)
+    })
+}
+
+/// Hex of `bytes`, lowercase.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The host-data recipe of the README, written out by the tests over a VM's
+/// folder: SHA-256 over name ‖ 0 ‖ u64-le length ‖ content of each file the
+/// VM was given, in byte order of the names `certs/<file>` and
+/// `env/environment`.
+pub fn recompute_host_data(vm_dir: &Path) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for entry in std::fs::read_dir(vm_dir.join("certs"))
+        .expect("certs dir")
+        .flatten()
+    {
+        let name = format!("certs/{}", entry.file_name().to_string_lossy());
+        files.push((name, std::fs::read(entry.path()).expect("cert")));
     }
-    pids
+    let env = std::fs::read(vm_dir.join("env/environment")).expect("env file");
+    files.push(("env/environment".into(), env));
+    files.sort();
+    let mut hash = Sha256::new();
+    for (name, content) in files {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        hash.update((content.len() as u64).to_le_bytes());
+        hash.update(&content);
+    }
+    hash.finalize().to_vec()
 }
 
 /// The stand-in QEMU (a test double), built with the workspace.
