@@ -7,11 +7,15 @@
 //   (string fields of requests as bytes, so the server checks UTF-8 itself):
 //   server only, in its own output folder since its package is also
 //   `manager` (cocos_core::server_proto). Its answers are the public types.
+// - proto/operator.proto, the operator's extension service
+//   (`cocos.manager.v1.Operator`): client and server
+//   (cocos_core::operator_proto), with its descriptor set for reflection.
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/manager.proto");
     println!("cargo:rerun-if-changed=proto/manager_server.proto");
+    println!("cargo:rerun-if-changed=proto/operator.proto");
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
     let fds = protox::compile(["manager.proto"], ["proto"])?;
@@ -36,5 +40,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "crate::proto::AttestationPolicyRes",
         )
         .compile_fds(server_fds)?;
+
+    let operator_fds = protox::compile(["operator.proto"], ["proto"])?;
+    std::fs::write(
+        out.join("operator_descriptor.bin"),
+        prost::Message::encode_to_vec(&operator_fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(operator_fds)?;
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod attestation;
 pub mod cgroup;
 pub mod config;
 pub mod duration;
+pub mod events;
 pub mod guest;
 pub mod lifecycle;
 pub mod ports;
@@ -33,4 +34,14 @@ pub mod proto {
 /// [`proto`], and reflection serves `manager.proto`.
 pub mod server_proto {
     include!(concat!(env!("OUT_DIR"), "/server/manager.rs"));
+}
+
+/// Generated gRPC types of the operator's extension service,
+/// `cocos.manager.v1.Operator` (`proto/operator.proto`): client and server.
+pub mod operator_proto {
+    tonic::include_proto!("cocos.manager.v1");
+
+    /// Encoded descriptor set of `operator.proto`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/operator_descriptor.bin"));
 }

@@ -34,29 +34,7 @@ use crate::process::{identify, pidfd_exited, pidfd_open, pidfd_signal, ExitStatu
 use crate::reaper::{ChildExited, ZombieReaper};
 use crate::records;
 
-/// The life of a VM, as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmState {
-    Starting,
-    Running,
-    Restarting,
-    Stopping,
-    Stopped,
-    Failed,
-}
-
-impl From<Phase> for VmState {
-    fn from(phase: Phase) -> VmState {
-        match phase {
-            Phase::Starting => VmState::Starting,
-            Phase::Running => VmState::Running,
-            Phase::Backoff | Phase::Restarting => VmState::Restarting,
-            Phase::Stopping(_) | Phase::Unkillable => VmState::Stopping,
-            Phase::Stopped => VmState::Stopped,
-            Phase::Failed => VmState::Failed,
-        }
-    }
-}
+pub use cocos_core::events::VmState;
 
 /// Told to the supervisor when a VM holds nothing any more: its process
 /// reaped, its folder removed, its port released.
