@@ -326,38 +326,6 @@ impl fmt::Display for Usage {
     }
 }
 
-/// Prometheus text for the VMs' cgroup usage, one series per VM and value
-/// (ids are UUIDs the manager made, so they need no escaping; any `"` or
-/// `\` would be escaped all the same).
-pub fn render_metrics(usage: &[(String, Usage)]) -> String {
-    let label = |id: &str| id.replace('\\', "\\\\").replace('"', "\\\"");
-    let mut text = String::from(
-        "# HELP cocos_manager_vm_memory_bytes Memory charged to the VM's cgroup (QEMU and its swtpm).\n\
-         # TYPE cocos_manager_vm_memory_bytes gauge\n",
-    );
-    for (id, u) in usage {
-        if let Some(bytes) = u.memory_bytes {
-            text.push_str(&format!(
-                "cocos_manager_vm_memory_bytes{{vm=\"{}\"}} {bytes}\n",
-                label(id)
-            ));
-        }
-    }
-    text.push_str(
-        "# HELP cocos_manager_vm_cpu_seconds_total CPU time used by the VM's cgroup (QEMU and its swtpm).\n\
-         # TYPE cocos_manager_vm_cpu_seconds_total counter\n",
-    );
-    for (id, u) in usage {
-        if let Some(seconds) = u.cpu_seconds {
-            text.push_str(&format!(
-                "cocos_manager_vm_cpu_seconds_total{{vm=\"{}\"}} {seconds:.6}\n",
-                label(id)
-            ));
-        }
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,40 +533,16 @@ mod tests {
     }
 
     #[test]
-    fn metrics_text() {
-        let usage = vec![
-            (
-                "a".to_string(),
-                Usage {
-                    memory_bytes: Some(1024),
-                    cpu_seconds: Some(1.5),
-                    pids: Some(3),
-                },
-            ),
-            (
-                "b\"".to_string(),
-                Usage {
-                    memory_bytes: None,
-                    cpu_seconds: Some(0.25),
-                    pids: None,
-                },
-            ),
-        ];
-        let text = render_metrics(&usage);
-        assert!(text.contains("# TYPE cocos_manager_vm_memory_bytes gauge\n"));
-        assert!(text.contains("cocos_manager_vm_memory_bytes{vm=\"a\"} 1024\n"));
-        assert!(!text.contains("cocos_manager_vm_memory_bytes{vm=\"b"));
-        assert!(text.contains("# TYPE cocos_manager_vm_cpu_seconds_total counter\n"));
-        assert!(text.contains("cocos_manager_vm_cpu_seconds_total{vm=\"a\"} 1.500000\n"));
-        assert!(text.contains("cocos_manager_vm_cpu_seconds_total{vm=\"b\\\"\"} 0.250000\n"));
-        assert_eq!(
-            usage[0].1.to_string(),
-            "memory 1024 bytes, cpu 1.500 s, pids 3"
-        );
+    fn usage_in_words() {
+        let usage = Usage {
+            memory_bytes: Some(1024),
+            cpu_seconds: Some(1.5),
+            pids: Some(3),
+        };
+        assert_eq!(usage.to_string(), "memory 1024 bytes, cpu 1.500 s, pids 3");
         assert_eq!(
             Usage::default().to_string(),
             "memory ? bytes, cpu ? s, pids ?"
         );
-        assert!(render_metrics(&[]).ends_with("counter\n"));
     }
 }

@@ -5,6 +5,7 @@
 //! durations, the files handed to the guest, and the generated wire types.
 //! The actors crate owns every effect and calls into this crate.
 
+pub mod agent;
 pub mod attestation;
 pub mod cgroup;
 pub mod config;

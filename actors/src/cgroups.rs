@@ -504,19 +504,18 @@ pub fn oom_note(id: &str, killed: bool) -> Option<String> {
     ))
 }
 
-/// Prometheus text of every VM group's use (`/metrics`).
-pub fn metrics_text() -> String {
+/// Every VM group's use, by VM id (`/metrics`). Blocking: reads the
+/// groups' files.
+pub fn usages() -> Vec<(String, Usage)> {
     let ids: Vec<String> = GROUPS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .keys()
         .cloned()
         .collect();
-    let usage: Vec<(String, Usage)> = ids
-        .into_iter()
+    ids.into_iter()
         .filter_map(|id| usage(&id).map(|u| (id, u)))
-        .collect();
-    pure::render_metrics(&usage)
+        .collect()
 }
 
 /// Removes the groups of VMs that are gone: `cocos-vm-*` groups below the

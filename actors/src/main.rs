@@ -12,6 +12,7 @@ mod error;
 mod failfast;
 mod front;
 mod host;
+mod metrics;
 mod notify;
 mod ports;
 mod process;
@@ -299,6 +300,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         warn!("{problem}");
     }
     let bind = config.forward_bind_addr();
+    metrics::set_agent_host(bind);
     // Its own thread: fork/exec and waitpid never run where requests are
     // served.
     let reaper =
@@ -564,6 +566,7 @@ async fn reload(
         range: new.port_range(),
         bind: new.forward_bind_addr(),
     });
+    metrics::set_agent_host(new.forward_bind_addr());
     supervisor.do_send(UpdateConfig(new.clone(), doc_inputs));
     new
 }

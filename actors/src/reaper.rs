@@ -256,7 +256,9 @@ impl Handler<ReapNow> for ZombieReaper {
                     let Some((pid, exit)) = ExitStatus::from_wait(status) else {
                         continue;
                     };
-                    match self.watched.remove(&pid) {
+                    let watched = self.watched.remove(&pid);
+                    crate::metrics::reaped(watched.is_some());
+                    match watched {
                         Some(notify) => notify.do_send(ChildExited { pid, status: exit }),
                         None => info!(pid, status = %exit, "reaped an orphaned process"),
                     }

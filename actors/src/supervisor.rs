@@ -187,6 +187,7 @@ impl Supervisor {
         let Some(entry) = self.vms.get(id) else {
             return;
         };
+        crate::metrics::vm_event(&entry.view, kind);
         self.sequence += 1;
         let event = entry.view.event(self.sequence, kind, SystemTime::now());
         debug!(vm = %id, event = kind.as_str(), sequence = self.sequence, "VM event");

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+// The pure parts are shared with the manager's create-to-agent-ready metric.
+use cocos_core::agent::{has_status_line, health_request, parse_status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -18,13 +20,7 @@ pub async fn probe(host: &str, port: u16) -> Result<u16, String> {
         let mut stream = TcpStream::connect((host, port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let request =
-            format!("GET /health HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        let request = health_request(host, port);
         stream
             .write_all(request.as_bytes())
             .await
@@ -32,7 +28,7 @@ pub async fn probe(host: &str, port: u16) -> Result<u16, String> {
         // The status line is all that matters; read up to its end.
         let mut head = Vec::with_capacity(256);
         let mut buf = [0u8; 256];
-        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+        while !has_status_line(&head) && head.len() < 4096 {
             let n = stream
                 .read(&mut buf)
                 .await
@@ -47,26 +43,6 @@ pub async fn probe(host: &str, port: u16) -> Result<u16, String> {
     match tokio::time::timeout(PROBE_LIMIT, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {}s", PROBE_LIMIT.as_secs())),
-    }
-}
-
-/// The status code of an HTTP/1.x status line.
-pub fn parse_status(head: &[u8]) -> Result<u16, String> {
-    if head.is_empty() {
-        return Err("connection closed without an answer (the guest is not up yet)".into());
-    }
-    let text = String::from_utf8_lossy(head);
-    let line = text.lines().next().unwrap_or_default();
-    let mut words = line.split_whitespace();
-    match (
-        words.next(),
-        words.next().and_then(|c| c.parse::<u16>().ok()),
-    ) {
-        (Some(version), Some(code)) if version.starts_with("HTTP/") => Ok(code),
-        _ => Err(format!(
-            "not an HTTP answer: {:?}",
-            line.chars().take(80).collect::<String>()
-        )),
     }
 }
 

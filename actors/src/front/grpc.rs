@@ -36,6 +36,7 @@ use crate::error::ApiError;
 use crate::front::operator::OperatorApi;
 use crate::front::tls::{ServerTls, TlsIncoming, TlsReloader};
 use crate::front::{LimitedIncoming, STATS};
+use crate::metrics::{self, Answered};
 use crate::supervisor::{AttestationPolicy, CreateVm, RemoveVm, Supervisor, VmInfo};
 
 /// The name health checks ask about.
@@ -323,6 +324,36 @@ impl ManagerService for ManagerApi {
     }
 }
 
+/// [`ManagerApi`] with its answers counted by result for `/metrics`
+/// (`CreateVm`, `RemoveVm`, `AttestationPolicy`; README: Metrics).
+struct CountedApi(ManagerApi);
+
+#[tonic::async_trait]
+impl ManagerService for CountedApi {
+    async fn create_vm(&self, request: Request<CreateReq>) -> Result<Response<CreateRes>, Status> {
+        metrics::counted(Answered::CreateVm, self.0.create_vm(request)).await
+    }
+
+    async fn remove_vm(&self, request: Request<RemoveReq>) -> Result<Response<()>, Status> {
+        metrics::counted(Answered::RemoveVm, self.0.remove_vm(request)).await
+    }
+
+    async fn cvm_info(&self, request: Request<CvmInfoReq>) -> Result<Response<CvmInfoRes>, Status> {
+        self.0.cvm_info(request).await
+    }
+
+    async fn attestation_policy(
+        &self,
+        request: Request<AttestationPolicyReq>,
+    ) -> Result<Response<AttestationPolicyRes>, Status> {
+        metrics::counted(
+            Answered::AttestationPolicy,
+            self.0.attestation_policy(request),
+        )
+        .await
+    }
+}
+
 /// The limits the server enforces, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Limits {
@@ -428,7 +459,9 @@ impl GrpcServer {
             .concurrency_limit_per_connection(limits.max_streams as usize)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE);
+            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+            // Latency of every request on the port, by service and method.
+            .layer(metrics::GrpcMetricsLayer);
         let addr = self.listener.local_addr().ok();
         if !self.tls.is_on() && addr.is_some_and(|a| !a.ip().to_canonical().is_loopback()) {
             warn!(
@@ -456,10 +489,10 @@ impl GrpcServer {
         })
         .max_decoding_message_size(limits.max_message_size)
         .max_encoding_message_size(limits.max_message_size);
-        let api = ManagerServiceServer::new(ManagerApi {
+        let api = ManagerServiceServer::new(CountedApi(ManagerApi {
             supervisor: self.supervisor,
             timeout: limits.timeout,
-        })
+        }))
         .max_decoding_message_size(limits.max_message_size)
         .max_encoding_message_size(limits.max_message_size);
         let incoming = TcpIncoming::from(self.listener)

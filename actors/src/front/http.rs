@@ -1,6 +1,5 @@
 //! The Cocos-compatible HTTP endpoint: `GET /health` and `GET /metrics`.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix::Addr;
@@ -13,7 +12,6 @@ use cocos_core::config::Config;
 use cocos_core::duration::format_go_duration;
 use serde_json::json;
 
-use crate::front::STATS;
 use crate::ports::{PortAllocator, Snapshot};
 use crate::supervisor::{ListVms, Supervisor};
 
@@ -67,54 +65,23 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
                 .into_response()
         }
     };
-    use cocos_core::events::VmState;
-    let running = vms
-        .iter()
-        .filter(|v| v.facts.state == VmState::Running)
-        .count();
-    let failed = vms
-        .iter()
-        .filter(|v| v.facts.state == VmState::Failed)
-        .count();
-    let text = format!(
-        "# HELP cocos_manager_vms VMs known to the manager, by state.\n\
-         # TYPE cocos_manager_vms gauge\n\
-         cocos_manager_vms{{state=\"running\"}} {running}\n\
-         cocos_manager_vms{{state=\"starting\"}} {}\n\
-         cocos_manager_vms{{state=\"failed\"}} {failed}\n\
-         # HELP cocos_manager_ports_in_use Host ports reserved for VMs.\n\
-         # TYPE cocos_manager_ports_in_use gauge\n\
-         cocos_manager_ports_in_use {}\n\
-         # HELP cocos_manager_ports_total Host ports in MANAGER_QEMU_HOST_FWD_RANGE.\n\
-         # TYPE cocos_manager_ports_total gauge\n\
-         cocos_manager_ports_total {}\n\
-         # HELP cocos_manager_grpc_connections gRPC connections open.\n\
-         # TYPE cocos_manager_grpc_connections gauge\n\
-         cocos_manager_grpc_connections {}\n\
-         # HELP cocos_manager_grpc_connections_max MANAGER_GRPC_MAX_CONNECTIONS.\n\
-         # TYPE cocos_manager_grpc_connections_max gauge\n\
-         cocos_manager_grpc_connections_max {}\n\
-         # HELP cocos_manager_grpc_connections_refused_total gRPC connections closed at once because MANAGER_GRPC_MAX_CONNECTIONS were open.\n\
-         # TYPE cocos_manager_grpc_connections_refused_total counter\n\
-         cocos_manager_grpc_connections_refused_total {}\n\
-         # HELP cocos_manager_grpc_connections_silent_total gRPC connections closed because they sent nothing in time.\n\
-         # TYPE cocos_manager_grpc_connections_silent_total counter\n\
-         cocos_manager_grpc_connections_silent_total {}\n\
-         # HELP cocos_manager_grpc_deadline_exceeded_total Requests answered DEADLINE_EXCEEDED (MANAGER_GRPC_TIMEOUT or the client's deadline).\n\
-         # TYPE cocos_manager_grpc_deadline_exceeded_total counter\n\
-         cocos_manager_grpc_deadline_exceeded_total {}\n",
-        vms.len() - running - failed,
-        ports.in_use.len(),
-        ports.range.len(),
-        STATS.connections.load(Ordering::Relaxed),
-        STATS.max_connections.load(Ordering::Relaxed),
-        STATS.refused.load(Ordering::Relaxed),
-        STATS.silent.load(Ordering::Relaxed),
-        STATS.deadline_exceeded.load(Ordering::Relaxed),
-    );
-    // Per-VM use, read from each VM's cgroup (README: Per-VM cgroups).
-    let text = text + &crate::cgroups::metrics_text();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let scrape = crate::metrics::Scrape::new(&vms, ports.in_use.len(), ports.range.len());
+    // Off the API thread: the cgroup collector reads files.
+    match tokio::task::spawn_blocking(move || crate::metrics::render(scrape)).await {
+        Ok(Ok(text)) => {
+            ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the metrics: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the metrics did not finish: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 pub async fn bind(config: &Config) -> Result<tokio::net::TcpListener, String> {

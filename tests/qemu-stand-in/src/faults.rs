@@ -28,6 +28,9 @@ pub struct Faults {
     pub ignore_sigterm: bool,
     /// Console bytes per second once a console client is connected.
     pub console_spam: u64,
+    /// Leave one short-lived orphan at start (a grandchild whose parent
+    /// exits, so it is re-parented to the manager, a child subreaper).
+    pub orphan: bool,
 }
 
 impl Default for Faults {
@@ -43,6 +46,7 @@ impl Default for Faults {
             start_delay: Duration::ZERO,
             ignore_sigterm: false,
             console_spam: 0,
+            orphan: false,
         }
     }
 }
@@ -60,6 +64,8 @@ pub const HELP: &str = "\
   STAND_IN_START_DELAY=DUR        sleep DUR before binding the port and the sockets
   STAND_IN_IGNORE_SIGTERM=1       ignore SIGTERM (only SIGKILL ends it)
   STAND_IN_CONSOLE_SPAM=BYTES     write that many console bytes per second
+  STAND_IN_ORPHAN=1               at start, leave one orphan that exits 200ms later (a
+                                  grandchild re-parented to the manager, which reaps it)
 DUR is a Go-style duration (500ms, 2s, 1m30s) or a number of seconds.
 ";
 
@@ -130,6 +136,7 @@ impl Faults {
                 .parse()
                 .map_err(|_| bad("STAND_IN_CONSOLE_SPAM", &v, "expected bytes per second"))?;
         }
+        f.orphan = flag("STAND_IN_ORPHAN")?;
         Ok(f)
     }
 
@@ -223,6 +230,7 @@ mod tests {
             ("STAND_IN_IGNORE_SIGTERM", "1"),
             ("STAND_IN_CONSOLE_SPAM", "4096"),
             ("STAND_IN_FAIL_AT_START", ""),
+            ("STAND_IN_ORPHAN", "1"),
         ])
         .unwrap();
         assert_eq!(f.crash_after, Some(Duration::from_secs(2)));
@@ -231,6 +239,7 @@ mod tests {
         assert!(f.ignore_sigterm && !f.ignore_powerdown);
         assert_eq!(f.console_spam, 4096);
         assert_eq!(f.fail_at_start, None);
+        assert!(f.orphan && !Faults::default().orphan);
         assert!(with(&[("STAND_IN_CRASH_PROBABILITY", "2")]).is_err());
         assert!(with(&[("STAND_IN_START_DELAY", "soon")]).is_err());
         assert!(with(&[("STAND_IN_IGNORE_POWERDOWN", "maybe")]).is_err());

@@ -79,6 +79,11 @@ fn main() {
     if let Some(message) = &faults.fail_at_start {
         die(&format!("{QEMU}: {message}"));
     }
+    if faults.orphan {
+        if let Err(e) = sys::leave_orphan(std::time::Duration::from_millis(200)) {
+            die(&format!("qemu-stand-in: cannot leave an orphan: {e}"));
+        }
+    }
     if plan.monitor_pty {
         say("char device redirected to /dev/pts/0 (label compat_monitor0)\n");
     }

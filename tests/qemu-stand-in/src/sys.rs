@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use crate::faults::CrashSignal;
 
@@ -84,6 +85,41 @@ pub fn raise_nofile_limit() {
             if lim.rlim_cur < want {
                 lim.rlim_cur = want;
                 libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}
+
+/// Leaves one orphan: a child that forks a grandchild and exits at once
+/// (reaped here), so the grandchild is re-parented to the nearest child
+/// subreaper above us (the manager); it exits after `linger`. Called at
+/// start, before any thread or descriptor of the VM exists.
+pub fn leave_orphan(linger: Duration) -> io::Result<()> {
+    let pause = libc::timespec {
+        tv_sec: linger.as_secs() as libc::time_t,
+        tv_nsec: linger.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: between fork and _exit the children call only
+    // async-signal-safe functions (fork, nanosleep, _exit) on data made
+    // before the fork; the parent waits for its own child.
+    unsafe {
+        match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                if libc::fork() == 0 {
+                    libc::nanosleep(&pause, std::ptr::null_mut());
+                }
+                libc::_exit(0)
+            }
+            child => {
+                let mut status = 0;
+                while libc::waitpid(child, &mut status, 0) < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        return Err(e);
+                    }
+                }
+                Ok(())
             }
         }
     }
