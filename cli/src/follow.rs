@@ -45,16 +45,15 @@ impl Interrupt {
     }
 }
 
-/// Opens a server stream: the manager's answer within the request bound, or
-/// None on Ctrl-C.
+/// Opens a server stream (`opening`: connect, then call, each within the
+/// request bound), or None on Ctrl-C meanwhile.
 pub async fn open<T>(
-    target: &Target,
     interrupt: &mut Interrupt,
-    answer: impl Future<Output = Result<tonic::Response<Streaming<T>>, tonic::Status>>,
+    opening: impl Future<Output = Result<Streaming<T>, Failure>>,
 ) -> Result<Option<Streaming<T>>, Failure> {
     tokio::select! {
         _ = interrupt.recv() => Ok(None),
-        opened = target.call(answer) => opened.map(Some),
+        opened = opening => opened.map(Some),
     }
 }
 

@@ -185,15 +185,17 @@ async fn stream_logs(target: &Target, args: LogsArgs, output: Output) -> Result<
         tail_lines: args.tail,
         follow: args.follow,
     };
-    let mut client = target.operator_client(target.channel(args.follow).await?);
     // A following stream has no deadline (it lasts as long as the VM); one
     // that does not follow must keep coming within the bound.
     let per_message = (!args.follow).then_some(target.timeout);
-    let request = tonic::Request::new(request);
-    let opened = follow::open(target, &mut interrupt, client.stream_logs(request))
-        .await
-        .map_err(|f| operator_failure(target, "logs", f))?;
-    let Some(mut stream) = opened else {
+    let opening = async {
+        let mut client = target.operator_client(target.channel(args.follow).await?);
+        target
+            .call(client.stream_logs(tonic::Request::new(request)))
+            .await
+            .map_err(|f| operator_failure(target, "logs", f))
+    };
+    let Some(mut stream) = follow::open(&mut interrupt, opening).await? else {
         return Ok(());
     };
     follow::drain(
@@ -214,14 +216,17 @@ async fn stream_logs(target: &Target, args: LogsArgs, output: Output) -> Result<
 /// line per event, or one JSON object per line.
 async fn watch_events(target: &Target, id: Option<String>, output: Output) -> Result<(), Failure> {
     let mut interrupt = follow::Interrupt::install()?;
-    let mut client = target.operator_client(target.channel(true).await?);
     let request = tonic::Request::new(WatchEventsRequest {
         id: id.unwrap_or_default(),
     });
-    let opened = follow::open(target, &mut interrupt, client.watch_events(request))
-        .await
-        .map_err(|f| operator_failure(target, "events", f))?;
-    let Some(mut stream) = opened else {
+    let opening = async {
+        let mut client = target.operator_client(target.channel(true).await?);
+        target
+            .call(client.watch_events(request))
+            .await
+            .map_err(|f| operator_failure(target, "events", f))
+    };
+    let Some(mut stream) = follow::open(&mut interrupt, opening).await? else {
         return Ok(());
     };
     follow::drain(target, &mut stream, &mut interrupt, None, |event| {
