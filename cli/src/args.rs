@@ -134,7 +134,7 @@ pub enum Command {
     /// Follow lifecycle events, of all VMs or of one (WatchEvents); it
     /// opens with the current state of each VM
     Events {
-        /// Only this VM's events
+        /// Only this VM's events (the stream ends when it is removed)
         id: Option<String>,
     },
     /// Print a VM's attestation policy JSON (AttestationPolicy)
@@ -152,7 +152,8 @@ pub struct LogsArgs {
     /// is removed
     #[arg(long, short = 'f')]
     pub follow: bool,
-    /// How many of the last lines to print first: a number, or `all`
+    /// How many of the last lines to print first: a number, or `all` (at
+    /// most 100000, the most the manager sends)
     #[arg(long, default_value = "all", value_name = "N", value_parser = parse_tail)]
     pub tail: u32,
     /// QEMU's own log (its stderr) instead of the guest's serial console
@@ -160,10 +161,15 @@ pub struct LogsArgs {
     pub qemu: bool,
 }
 
-/// `--tail`: `all` (every line the manager kept) or a count.
+/// What `--tail all` asks for: the most lines the manager sends for one
+/// request (it refuses more with INVALID_ARGUMENT).
+pub const TAIL_ALL: u32 = 100_000;
+
+/// `--tail`: `all` (every line the manager kept, up to [`TAIL_ALL`]) or a
+/// count.
 fn parse_tail(text: &str) -> Result<u32, String> {
     if text.eq_ignore_ascii_case("all") {
-        return Ok(u32::MAX);
+        return Ok(TAIL_ALL);
     }
     text.parse::<u32>()
         .map_err(|_| format!("{text:?} is neither a number of lines nor `all`"))
@@ -273,7 +279,7 @@ mod tests {
             panic!("logs")
         };
         assert!(logs.qemu && !logs.follow);
-        assert_eq!(logs.tail, u32::MAX, "all by default");
+        assert_eq!(logs.tail, TAIL_ALL, "all by default");
         assert!(Cli::try_parse_from(["managerctl", "logs", "vm-1", "--tail", "-3"]).is_err());
         assert!(Cli::try_parse_from(["managerctl", "logs"]).is_err());
     }
