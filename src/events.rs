@@ -9,10 +9,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::attestation::document::LaunchKind;
+use crate::attestation::document::{AttestationState, LaunchKind};
 use crate::config::TeeMode;
 use crate::lifecycle::Phase;
 use crate::operator_proto as wire;
+use crate::record::{LaunchFacts, LaunchInfo};
 
 /// The life of a VM, as the APIs report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -333,6 +334,32 @@ impl VmView {
     }
 }
 
+/// What `GetVm` says a VM was launched with. The facts are absent while a
+/// VM's first launch is in progress.
+pub fn launch_config(
+    info: &LaunchInfo,
+    facts: Option<&LaunchFacts>,
+    attestation: Option<&AttestationState>,
+) -> wire::LaunchConfig {
+    wire::LaunchConfig {
+        ovmf_version: info.ovmf_version.clone(),
+        cpu_num: info.cpu_num,
+        cpu_type: info.cpu_type.clone(),
+        kernel_cmd: info.kernel_cmd.clone(),
+        eos_version: info.eos_version.clone(),
+        aa_kbs_params: facts.map(|f| f.aa_kbs_params.clone()).unwrap_or_default(),
+        settings: facts
+            .map(|f| f.settings.clone().into_iter().collect())
+            .unwrap_or_default(),
+        host_data: attestation
+            .and_then(|a| a.host_data.clone())
+            .unwrap_or_default(),
+        measurement: attestation
+            .and_then(|a| a.measurement.clone())
+            .unwrap_or_default(),
+    }
+}
+
 /// The SYNCED marker after a watch's CURRENT events.
 pub fn synced(sequence: u64, now: SystemTime) -> wire::VmEvent {
     wire::VmEvent {
@@ -533,6 +560,40 @@ mod tests {
                 "failed"
             ]
         );
+    }
+
+    #[test]
+    fn launch_config_from_info_facts_and_attestation() {
+        let info = LaunchInfo {
+            ovmf_version: "edk2-stable202302".into(),
+            cpu_num: 4,
+            cpu_type: "EPYC".into(),
+            kernel_cmd: "quiet console=null".into(),
+            eos_version: "1.0".into(),
+        };
+        let bare = launch_config(&info, None, None);
+        assert_eq!(bare.cpu_num, 4);
+        assert_eq!(bare.kernel_cmd, "quiet console=null");
+        assert!(bare.settings.is_empty() && bare.aa_kbs_params.is_empty());
+        let facts = LaunchFacts {
+            settings: [("MANAGER_QEMU_SMP_COUNT".to_string(), "4".to_string())].into(),
+            aa_kbs_params: "kbs:1".into(),
+            host_data: None,
+        };
+        let attestation = AttestationState {
+            launch: LaunchKind::SevSnpOvmf,
+            measurement: Some("bWVhc3VyZW1lbnQ=".into()),
+            host_data: Some("aG9zdA==".into()),
+            host_data_per_vm: true,
+            vtpm: false,
+            document: None,
+            unavailable: None,
+        };
+        let full = launch_config(&info, Some(&facts), Some(&attestation));
+        assert_eq!(full.aa_kbs_params, "kbs:1");
+        assert_eq!(full.settings["MANAGER_QEMU_SMP_COUNT"], "4");
+        assert_eq!(full.host_data, "aG9zdA==");
+        assert_eq!(full.measurement, "bWVhc3VyZW1lbnQ=");
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct VmRecord {
     /// made again from these, never taken from the record as it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch: Option<LaunchFacts>,
+    /// When the VM was created, as milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +254,7 @@ mod tests {
                 attestation: None,
                 swtpm: None,
                 launch: Some(LaunchFacts::new(&config, "", None)),
+                created_ms: Some(1_699_999_000_000),
             },
             config.state_dir,
         )

@@ -37,6 +37,7 @@ use cocos_core::proto::CreateReq;
 use cocos_core::qemu::{
     command_line, host_data as qemu_host_data, shell_quote, LaunchSpec, VmPaths,
 };
+use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::{reload, EnvFilter};
@@ -384,7 +385,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     };
     let health = grpc.health.clone();
     let grpc_tls = grpc.tls_reloader();
-    let grpc_task = tokio::spawn(grpc.serve(wait_stop(stop_rx.clone())));
+    let grpc_task = tokio::spawn(grpc.serve(stop_rx.clone()));
     let http_task = tokio::spawn({
         let config = config.clone();
         let supervisor = supervisor.clone();
@@ -441,8 +442,20 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
         )
         .await;
     let _ = stop_tx.send(true);
-    let _ = grpc_task.await;
-    let _ = http_task.await;
+    // Requests in flight finish and open streams end at once; a client that
+    // does not take part in the connection's orderly close (it never reads)
+    // cannot hold the manager longer than this.
+    for (name, task) in [("gRPC", grpc_task), ("HTTP", http_task)] {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(FRONT_CLOSE_GRACE, task).await.is_err() {
+            warn!(
+                server = name,
+                grace = ?FRONT_CLOSE_GRACE,
+                "connections still open after the grace period; closing them"
+            );
+            abort.abort();
+        }
+    }
     let stop_vms = current.shutdown_stop_vms;
     if let Err(e) = supervisor.send(Shutdown { stop_vms }).await {
         error!(error = %e, "supervisor unavailable at shutdown");
@@ -451,6 +464,10 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
     System::current().stop();
     ExitCode::SUCCESS
 }
+
+/// How long the gRPC and HTTP servers may take to close their
+/// connections at shutdown.
+const FRONT_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// An exclusive lock on `<state_dir>/manager.lock`, held for the life of the
 /// process; the kernel drops it however the process ends.

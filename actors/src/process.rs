@@ -116,6 +116,24 @@ pub fn identify(pid: i32) -> Option<Identity> {
     })
 }
 
+/// When a process started, from its start time in clock ticks after boot
+/// (`Identity::start_time`) and the boot time in `/proc/stat`.
+pub fn started_at(start_ticks: u64) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot: u64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf reads a constant of the system; no memory is shared.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|t| *t > 0)?;
+    let after_boot = std::time::Duration::from_millis(start_ticks.saturating_mul(1000) / ticks);
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(boot) + after_boot)
+}
+
 /// The system's entry for user `name` (getpwnam_r, getgrouplist); None if
 /// there is no such user.
 pub fn lookup_user(name: &str) -> io::Result<Option<UserFacts>> {

@@ -7,22 +7,25 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
+use cocos_core::events::{self, launch_kind, EventKind, VmFacts, VmView};
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::lifecycle::StopReason;
+use cocos_core::operator_proto as wire;
 use cocos_core::proto::{CreateRes, CvmInfoRes};
-use cocos_core::qemu::kernel_cmdline;
+use cocos_core::qemu::{kernel_cmdline, VmPaths};
 use cocos_core::record::LaunchInfo;
 use futures::future::join_all;
 use nix::sys::signal::Signal;
+use tokio::sync::broadcast;
 use tracing::{debug, error, info, warn};
 
 use crate::attest::Measurer;
-use crate::cvm::{Adopt, Boot, CvmActor, Services, Stop, VmGone, VmState};
+use crate::cvm::{Adopt, Boot, CvmActor, Described, Services, Stop, VmGone, VmReport, VmState};
 use crate::error::ApiError;
 use crate::ports::PortAllocator;
 use crate::process::{identify, pidfd_exited, pidfd_open, pidfd_signal};
@@ -65,15 +68,53 @@ pub struct Shutdown {
     pub stop_vms: bool,
 }
 
+/// Every VM as the operator's service shows it.
 #[derive(Message)]
-#[rtype(result = "Vec<VmSummary>")]
+#[rtype(result = "Vec<VmView>")]
 pub struct ListVms;
 
+/// One VM in detail (`GetVm`).
+#[derive(Message)]
+#[rtype(result = "Result<VmDetail, ApiError>")]
+pub struct GetVm(pub String);
+
 #[derive(Debug, Clone)]
-pub struct VmSummary {
-    pub running: bool,
-    pub failed: bool,
+pub struct VmDetail {
+    pub view: VmView,
+    pub info: LaunchInfo,
+    pub described: Option<Described>,
 }
+
+/// Starts a watch of lifecycle events, of one VM (`Some(id)`) or all: the
+/// current state of each (as CURRENT events, then SYNCED) and a receiver
+/// of every event published after that snapshot, taken in one step so a
+/// watcher misses nothing in between.
+#[derive(Message)]
+#[rtype(result = "Result<WatchStart, ApiError>")]
+pub struct Watch(pub Option<String>);
+
+pub struct WatchStart {
+    pub snapshot: Vec<wire::VmEvent>,
+    /// The sequence number of the snapshot; received events numbered at
+    /// or below it are already in it.
+    pub sequence: u64,
+    pub events: broadcast::Receiver<Arc<wire::VmEvent>>,
+}
+
+/// Where a VM's logs are: (console log, QEMU log).
+#[derive(Message)]
+#[rtype(result = "Result<(PathBuf, PathBuf), ApiError>")]
+pub struct LogFiles(pub String);
+
+/// Whether a VM is listed.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsListed(pub String);
+
+/// Published events a watcher may fall behind by before it loses some
+/// (and is told how many). Shared by all watchers: memory does not grow
+/// with slow ones.
+pub const EVENT_BUFFER: usize = 1024;
 
 struct VmEntry {
     addr: Addr<CvmActor>,
@@ -83,6 +124,9 @@ struct VmEntry {
     port: Option<u16>,
     /// Gave up after its restart budget; holds nothing, kept so it shows.
     failed: bool,
+    view: VmView,
+    paths: VmPaths,
+    described: Option<Described>,
 }
 
 pub struct Supervisor {
@@ -96,6 +140,10 @@ pub struct Supervisor {
     /// until removed or pruned after `MANAGER_FAILED_VM_RETENTION`.
     failed: usize,
     accepting: bool,
+    /// Lifecycle events for watchers (`WatchEvents`, log followers).
+    events: broadcast::Sender<Arc<wire::VmEvent>>,
+    /// Number of the last published event.
+    sequence: u64,
 }
 
 impl Supervisor {
@@ -115,6 +163,8 @@ impl Supervisor {
             vms: HashMap::new(),
             failed: 0,
             accepting: true,
+            events: broadcast::channel(EVENT_BUFFER).0,
+            sequence: 0,
         }
     }
 
@@ -124,7 +174,35 @@ impl Supervisor {
             reaper: self.reaper.clone(),
             measurer: self.measurer.clone(),
             supervisor: ctx.address().recipient(),
+            reports: ctx.address().recipient(),
         }
+    }
+
+    /// Numbers an event of VM `id` (its entry already updated) and sends
+    /// it to every watcher.
+    fn publish(&mut self, id: &str, kind: &EventKind) {
+        let Some(entry) = self.vms.get(id) else {
+            return;
+        };
+        self.sequence += 1;
+        let event = entry.view.event(self.sequence, kind, SystemTime::now());
+        debug!(vm = %id, event = kind.as_str(), sequence = self.sequence, "VM event");
+        // No watcher is not an error.
+        let _ = self.events.send(Arc::new(event));
+    }
+
+    /// Drops VM `id` from the list, telling watchers it is removed.
+    fn forget(&mut self, id: &str) -> bool {
+        if !self.vms.contains_key(id) {
+            return false;
+        }
+        self.publish(id, &EventKind::Removed);
+        if let Some(entry) = self.vms.remove(id) {
+            if entry.failed {
+                self.failed = self.failed.saturating_sub(1);
+            }
+        }
+        true
     }
 
     /// VMs that count toward `MANAGER_MAX_VMS`: all listed ones, failed
@@ -192,6 +270,15 @@ impl Handler<CreateVm> for Supervisor {
             eos_version: config.eos_version.clone(),
         };
         let services = self.services(ctx);
+        let view = VmView {
+            id: id.clone(),
+            tee: launch_kind(config.tee_mode()),
+            vtpm: config.qemu_vtpm == cocos_core::config::VtpmMode::Swtpm,
+            created: SystemTime::now(),
+            readopted: false,
+            facts: VmFacts::starting(),
+        };
+        let paths = VmPaths::new(&config, &id);
         let addr = CvmActor::new(
             id.clone(),
             config,
@@ -208,8 +295,12 @@ impl Handler<CreateVm> for Supervisor {
                 attestation: None,
                 port: None,
                 failed: false,
+                view,
+                paths,
+                described: None,
             },
         );
+        self.publish(&id, &EventKind::Created);
         info!(vm = %id, total = self.vms.len(), "creating VM");
         Box::pin(
             addr.send(Boot(msg.0))
@@ -227,7 +318,7 @@ impl Handler<CreateVm> for Supervisor {
                             })
                         }
                         Err(e) => {
-                            act.vms.remove(&id);
+                            act.forget(&id);
                             Err(e)
                         }
                     }
@@ -248,8 +339,7 @@ impl Handler<RemoveVm> for Supervisor {
         };
         if entry.failed {
             // It holds nothing any more; removing it only forgets it.
-            self.vms.remove(&id);
-            self.failed = self.failed.saturating_sub(1);
+            self.forget(&id);
             info!(vm = %id, "failed VM removed from the list");
             return Box::pin(async { Ok(()) });
         }
@@ -298,12 +388,11 @@ impl Handler<VmGone> for Supervisor {
             let id = msg.id;
             ctx.run_later(retention, move |act, _ctx| {
                 if act.vms.get(&id).is_some_and(|e| e.failed) {
-                    act.vms.remove(&id);
-                    act.failed = act.failed.saturating_sub(1);
+                    act.forget(&id);
                     info!(vm = %id, "failed VM forgotten after MANAGER_FAILED_VM_RETENTION");
                 }
             });
-        } else if self.vms.remove(&msg.id).is_some() {
+        } else if self.forget(&msg.id) {
             if msg.state == VmState::Failed {
                 warn!(vm = %msg.id, total = self.vms.len(), "VM gone after a failure");
             } else {
@@ -353,16 +442,100 @@ impl Handler<AttestationPolicy> for Supervisor {
 }
 
 impl Handler<ListVms> for Supervisor {
-    type Result = Vec<VmSummary>;
+    type Result = Vec<VmView>;
 
-    fn handle(&mut self, _: ListVms, _ctx: &mut Self::Context) -> Vec<VmSummary> {
-        self.vms
+    fn handle(&mut self, _: ListVms, _ctx: &mut Self::Context) -> Vec<VmView> {
+        let mut views: Vec<VmView> = self.vms.values().map(|e| e.view.clone()).collect();
+        views.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        views
+    }
+}
+
+impl Handler<GetVm> for Supervisor {
+    type Result = Result<VmDetail, ApiError>;
+
+    fn handle(&mut self, msg: GetVm, _ctx: &mut Self::Context) -> Self::Result {
+        let entry = self
+            .vms
+            .get(&msg.0)
+            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
+        Ok(VmDetail {
+            view: entry.view.clone(),
+            info: entry.info.clone(),
+            described: entry.described.clone(),
+        })
+    }
+}
+
+impl Handler<Watch> for Supervisor {
+    type Result = Result<WatchStart, ApiError>;
+
+    fn handle(&mut self, msg: Watch, _ctx: &mut Self::Context) -> Self::Result {
+        if let Some(id) = &msg.0 {
+            if !self.vms.contains_key(id) {
+                return Err(ApiError::NotFound(format!("no VM with id {id:?}")));
+            }
+        }
+        let now = SystemTime::now();
+        let mut views: Vec<&VmView> = self
+            .vms
             .values()
-            .map(|entry| VmSummary {
-                running: entry.port.is_some(),
-                failed: entry.failed,
-            })
-            .collect()
+            .map(|e| &e.view)
+            .filter(|v| msg.0.as_ref().is_none_or(|id| &v.id == id))
+            .collect();
+        views.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        let mut snapshot: Vec<wire::VmEvent> = views
+            .iter()
+            .map(|v| v.current(self.sequence, now))
+            .collect();
+        snapshot.push(events::synced(self.sequence, now));
+        Ok(WatchStart {
+            snapshot,
+            sequence: self.sequence,
+            events: self.events.subscribe(),
+        })
+    }
+}
+
+impl Handler<LogFiles> for Supervisor {
+    type Result = Result<(PathBuf, PathBuf), ApiError>;
+
+    fn handle(&mut self, msg: LogFiles, _ctx: &mut Self::Context) -> Self::Result {
+        let entry = self
+            .vms
+            .get(&msg.0)
+            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
+        Ok((
+            entry.paths.console_log.clone(),
+            entry.paths.qemu_log.clone(),
+        ))
+    }
+}
+
+impl Handler<IsListed> for Supervisor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: IsListed, _ctx: &mut Self::Context) -> bool {
+        self.vms.contains_key(&msg.0)
+    }
+}
+
+impl Handler<VmReport> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmReport, _ctx: &mut Self::Context) {
+        let Some(entry) = self.vms.get_mut(&msg.id) else {
+            return;
+        };
+        entry.view.facts = msg.facts;
+        if let Some(described) = msg.described {
+            entry.view.vtpm = described.attestation.as_ref().is_some_and(|a| a.vtpm);
+            if let Some(attestation) = &described.attestation {
+                entry.view.tee = attestation.launch;
+            }
+            entry.described = Some(*described);
+        }
+        self.publish(&msg.id, &msg.kind);
     }
 }
 
@@ -420,6 +593,22 @@ impl Handler<Readopt> for Supervisor {
                     let addr =
                         CvmActor::from_record(&record, self.config.clone(), self.services(ctx))
                             .start();
+                    let created = record
+                        .created_ms
+                        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+                        .unwrap_or_else(SystemTime::now);
+                    let view = VmView {
+                        id: id.clone(),
+                        tee: record
+                            .attestation
+                            .as_ref()
+                            .map(|a| a.launch)
+                            .unwrap_or_else(|| launch_kind(self.config.tee_mode())),
+                        vtpm: record.swtpm.is_some(),
+                        created,
+                        readopted: true,
+                        facts: VmFacts::starting(),
+                    };
                     self.vms.insert(
                         id.clone(),
                         VmEntry {
@@ -428,6 +617,9 @@ impl Handler<Readopt> for Supervisor {
                             attestation: record.attestation.clone(),
                             port: Some(record.port),
                             failed: false,
+                            view,
+                            paths: record.paths.clone(),
+                            described: None,
                         },
                     );
                     adoptions.push(async move { (id, addr.send(Adopt(record)).await) });
@@ -460,7 +652,7 @@ impl Handler<Readopt> for Supervisor {
                     match result {
                         Ok(Ok(_)) => adopted += 1,
                         _ => {
-                            act.vms.remove(&id);
+                            act.forget(&id);
                         }
                     }
                 }

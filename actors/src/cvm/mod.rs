@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use cocos_core::attestation::document::{AttestationState, DocumentInputs};
 use cocos_core::config::Config;
+use cocos_core::events::{unix_ms, EventKind, Exit, ExitCause, ExitCode, VmFacts};
 use cocos_core::guest::ValidatedCreate;
 use cocos_core::lifecycle::{Effect, Event, Lifecycle, Phase, StopAnswer, StopBudget, StopReason};
 use cocos_core::record::{LaunchFacts, LaunchInfo, ProcessRecord, VmRecord, RECORD_VERSION};
@@ -48,6 +49,27 @@ pub struct VmGone {
     pub keep_listed: bool,
 }
 
+/// Told to the supervisor with each lifecycle event of a VM: what
+/// happened, and the VM's facts after it. The supervisor keeps the facts
+/// for `ListVms` and publishes the event to watchers.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct VmReport {
+    pub id: String,
+    pub kind: EventKind,
+    pub facts: VmFacts,
+    /// What the VM runs, sent once it is known (a launch is up).
+    pub described: Option<Box<Described>>,
+}
+
+/// What a VM was launched with, as `GetVm` shows it.
+#[derive(Debug, Clone)]
+pub struct Described {
+    pub launch: Option<LaunchFacts>,
+    pub argv: Vec<String>,
+    pub attestation: Option<AttestationState>,
+}
+
 /// The actors a VM needs.
 #[derive(Clone)]
 pub struct Services {
@@ -55,6 +77,7 @@ pub struct Services {
     pub reaper: Addr<ZombieReaper>,
     pub measurer: Addr<Measurer>,
     pub supervisor: Recipient<VmGone>,
+    pub reports: Recipient<VmReport>,
 }
 
 /// Start the VM; answers when QEMU is really up, or with why it is not.
@@ -117,12 +140,17 @@ pub struct CvmActor {
     /// Release has begun (helpers ending, files going); done once released.
     releasing: bool,
     released: bool,
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    /// Restarts supervision carried out (since this manager took the VM).
+    restarts: u32,
+    /// When the current process started (None without a process).
+    started: Option<SystemTime>,
+    last_exit: Option<Exit>,
+    /// Why the VM failed, for its Failed event.
+    failure: Option<String>,
+    /// The next Running is a re-adoption.
+    adopting: bool,
+    /// When the VM was created (kept in its record).
+    created: SystemTime,
 }
 
 impl CvmActor {
@@ -165,6 +193,12 @@ impl CvmActor {
             stage_timer: None,
             releasing: false,
             released: false,
+            restarts: 0,
+            started: None,
+            last_exit: None,
+            failure: None,
+            adopting: false,
+            created: SystemTime::now(),
         }
     }
 
@@ -181,6 +215,9 @@ impl CvmActor {
         actor.launch = record.launch.clone();
         actor.paths = record.paths.clone();
         actor.argv = record.argv.clone();
+        if let Some(ms) = record.created_ms {
+            actor.created = UNIX_EPOCH + Duration::from_millis(ms);
+        }
         actor.ttl_deadline = record
             .ttl_deadline_ms
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
@@ -193,6 +230,36 @@ impl CvmActor {
 
     fn state(&self) -> VmState {
         self.life.phase().into()
+    }
+
+    fn facts(&self) -> VmFacts {
+        VmFacts {
+            state: self.state(),
+            pid: self.process.as_ref().map(|p| p.pid),
+            port: self.port,
+            restarts: self.restarts,
+            started: self.process.as_ref().and(self.started),
+            ttl_deadline: self.ttl_deadline,
+            last_exit: self.last_exit.clone(),
+        }
+    }
+
+    /// Tells the supervisor (and through it, watchers and metrics) what
+    /// happened to the VM.
+    fn report(&self, kind: EventKind) {
+        let described = matches!(kind, EventKind::Running | EventKind::Readopted).then(|| {
+            Box::new(Described {
+                launch: self.launch.clone(),
+                argv: self.argv.clone(),
+                attestation: self.attestation.clone(),
+            })
+        });
+        self.services.reports.do_send(VmReport {
+            id: self.id.clone(),
+            kind,
+            facts: self.facts(),
+            described,
+        });
     }
 
     /// Feeds an event to the lifecycle and carries out what it decides.
@@ -218,6 +285,8 @@ impl CvmActor {
                 warn!(vm = %self.id, attempt, after = ?after, "restarting VM");
                 self.process = None;
                 self.qmp = None;
+                self.restarts = self.restarts.saturating_add(1);
+                self.report(EventKind::Restarting { attempt, after });
                 self.restart_timer = Some(ctx.run_later(after, |act, ctx| {
                     act.restart_timer = None;
                     act.handle_event(ctx, Event::RestartTimer);
@@ -252,6 +321,11 @@ impl CvmActor {
                 keep_listed,
             } => {
                 let state = if failed {
+                    let reason = self
+                        .failure
+                        .clone()
+                        .unwrap_or_else(|| "the VM failed".to_string());
+                    self.report(EventKind::Failed { reason });
                     VmState::Failed
                 } else {
                     VmState::Stopped
@@ -272,7 +346,10 @@ impl CvmActor {
                 ))));
             }
             Effect::Log(line) => info!(vm = %self.id, "{line}"),
-            Effect::LogFailure(line) => error!(vm = %self.id, "{line}"),
+            Effect::LogFailure(line) => {
+                error!(vm = %self.id, "{line}");
+                self.failure = Some(line);
+            }
         }
     }
 
@@ -338,6 +415,7 @@ impl CvmActor {
                 exe: h.identity.exe.clone(),
             }),
             launch: self.launch.clone(),
+            created_ms: Some(unix_ms(self.created)),
         })
     }
 
@@ -466,6 +544,7 @@ impl CvmActor {
         self.qmp = launched.qmp;
         self.swtpm = launched.swtpm;
         self.shutdown_reason = None;
+        self.started = Some(SystemTime::now());
         self.process = Some(Process {
             pid: launched.pid,
             pidfd: launched.pidfd,
@@ -475,6 +554,11 @@ impl CvmActor {
 
     /// The process is up, ours and recorded: log its console, arm its TTL.
     fn on_running(&mut self, ctx: &mut Context<Self>) {
+        if std::mem::take(&mut self.adopting) {
+            self.report(EventKind::Readopted);
+        } else {
+            self.report(EventKind::Running);
+        }
         console::start(
             self.paths.console_socket.clone(),
             self.paths.console_log.clone(),
@@ -488,7 +572,13 @@ impl CvmActor {
             self.ttl_timer = Some(ctx.run_later(left, |act, ctx| {
                 info!(vm = %act.id, "TTL expired");
                 act.ttl_timer = None;
+                act.report(EventKind::TtlExpired);
                 act.handle_event(ctx, Event::Ttl);
+                if act.state() == VmState::Stopping {
+                    act.report(EventKind::Stopping {
+                        reason: StopReason::Ttl.as_str(),
+                    });
+                }
             }));
         }
         // An exit that raced the end of the launch.
@@ -506,6 +596,18 @@ impl CvmActor {
             (Some("guest-shutdown"), _) => ExitKind::Normal,
             (None, ExitStatus::Exited(0)) => ExitKind::Normal,
             _ => ExitKind::Abnormal,
+        }
+    }
+
+    /// Why QEMU ended, for events and metrics.
+    fn exit_cause(&self, kind: ExitKind) -> ExitCause {
+        if self.shutdown_reason.as_deref() == Some("guest-panic") {
+            return ExitCause::GuestPanic;
+        }
+        match (self.life.phase(), kind) {
+            (Phase::Stopping(_) | Phase::Unkillable, _) => ExitCause::Requested,
+            (_, ExitKind::Normal) => ExitCause::GuestShutdown,
+            (_, ExitKind::Abnormal) => ExitCause::Crash,
         }
     }
 
@@ -583,6 +685,22 @@ impl Handler<Exited> for CvmActor {
         } else {
             info!(vm = %self.id, status = %msg.status, "QEMU exited");
         }
+        let code = match msg.status {
+            ExitStatus::Exited(code) => ExitCode::Code(code),
+            ExitStatus::Signaled(signal) => ExitCode::Signal(signal),
+            ExitStatus::Unknown => ExitCode::Unknown,
+        };
+        self.last_exit = Some(Exit {
+            code,
+            status: msg.status.to_string(),
+            cause: self.exit_cause(msg.kind),
+        });
+        self.started = None;
+        self.report(EventKind::Exited(Exit {
+            code,
+            status: msg.status.to_string(),
+            cause: self.exit_cause(msg.kind),
+        }));
         self.handle_event(ctx, Event::Exited(msg.kind));
     }
 }
@@ -647,6 +765,7 @@ impl CvmActor {
             Ok(first) => first,
             Err(e) => {
                 warn!(vm = %self.id, error = %e, "VM failed to start");
+                self.failure = Some(format!("the VM failed to start: {e}"));
                 self.handle_event(ctx, Event::LaunchFailed);
                 let released = self.wait_released();
                 let _ = answer.send((Err(e), released));
@@ -665,6 +784,7 @@ impl CvmActor {
                 let _ = answer.send((Ok(Booted { port, attestation }), None));
             }
             Err(e) => {
+                act.failure = Some(format!("cannot write the VM record: {e}"));
                 act.abandon_launch(ctx);
                 let released = act.wait_released();
                 let error = files::storage_error("cannot write the VM record", &e);
@@ -767,10 +887,13 @@ impl Handler<Adopt> for CvmActor {
                         None
                     }
                 };
+                let started = crate::process::started_at(identity.start_time);
                 act.process = Some(Process { pid, pidfd, identity });
                 let cgroup = crate::cgroups::adopt(&act.config, &act.id);
                 info!(vm = %act.id, pid, port, vtpm = act.swtpm.is_some(), cgroup, "re-adopted VM");
                 let control = act.qmp.is_some();
+                act.adopting = true;
+                act.started = started.or(Some(SystemTime::now()));
                 act.handle_event(ctx, Event::Launched { control });
                 Ok(port)
             }),
@@ -790,7 +913,13 @@ impl Handler<Stop> for CvmActor {
             StopReason::Ttl => Event::Ttl,
             StopReason::Shutdown => Event::Shutdown,
         };
+        let before = self.state();
         self.handle_event(ctx, event);
+        if before != VmState::Stopping && self.state() == VmState::Stopping {
+            self.report(EventKind::Stopping {
+                reason: msg.reason.as_str(),
+            });
+        }
         Box::pin(async move { rx.await.unwrap_or(Ok(())) })
     }
 }

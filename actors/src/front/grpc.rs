@@ -8,7 +8,6 @@
 //! has a deadline: `MANAGER_GRPC_TIMEOUT`, or the client's `grpc-timeout`
 //! when shorter. The server has explicit limits (see [`GrpcServer::serve`]).
 
-use std::future::Future;
 use std::time::Duration;
 
 use actix::{Addr, Handler, Message};
@@ -18,10 +17,12 @@ use cocos_core::guest::{
     attestation_policy_from_wire, create_from_wire, cvm_info_from_wire, remove_from_wire,
     validate_create, FieldError, Redacted,
 };
+use cocos_core::operator_proto::operator_server::OperatorServer;
+use cocos_core::operator_proto::FILE_DESCRIPTOR_SET as OPERATOR_DESCRIPTOR_SET;
 use cocos_core::proto::{AttestationPolicyRes, CreateRes, CvmInfoRes, FILE_DESCRIPTOR_SET};
 use cocos_core::server_proto::manager_service_server::{ManagerService, ManagerServiceServer};
 use cocos_core::server_proto::{AttestationPolicyReq, CreateReq, CvmInfoReq, RemoveReq};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -32,6 +33,7 @@ use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
 use crate::error::ApiError;
+use crate::front::operator::OperatorApi;
 use crate::front::tls::{ServerTls, TlsIncoming, TlsReloader};
 use crate::front::{LimitedIncoming, STATS};
 use crate::supervisor::{AttestationPolicy, CreateVm, RemoveVm, Supervisor, VmInfo};
@@ -62,15 +64,15 @@ pub struct ManagerApi {
 
 /// How long one request may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Deadline {
-    limit: Duration,
+pub(crate) struct Deadline {
+    pub(crate) limit: Duration,
     /// The client's `grpc-timeout` was shorter than `MANAGER_GRPC_TIMEOUT`.
     from_client: bool,
 }
 
 impl Deadline {
     /// `MANAGER_GRPC_TIMEOUT`, or the client's `grpc-timeout` if shorter.
-    fn of(metadata: &MetadataMap, server: Duration) -> Deadline {
+    pub(crate) fn of(metadata: &MetadataMap, server: Duration) -> Deadline {
         match client_timeout(metadata) {
             Some(client) if client < server => Deadline {
                 limit: client,
@@ -85,7 +87,7 @@ impl Deadline {
 
     /// The answer to a request that ran out of time; `fate` says what
     /// becomes of the work it started.
-    fn exceeded(&self, what: &str, fate: &str) -> ApiError {
+    pub(crate) fn exceeded(&self, what: &str, fate: &str) -> ApiError {
         STATS
             .deadline_exceeded
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -134,7 +136,7 @@ fn refused(what: &'static str) -> impl Fn(FieldError) -> Status {
 /// What a request that ran out of time leaves behind.
 const REMOVE_FATE: &str =
     "the removal goes on in the manager; CVMInfo answers NOT_FOUND once it is done";
-const READ_FATE: &str = "nothing was changed";
+pub(crate) const READ_FATE: &str = "nothing was changed";
 const CREATE_FATE: &str = "the create was abandoned: it is rolled back, or, if the VM still \
      comes up, that VM is removed again, so nothing is left behind";
 
@@ -142,7 +144,7 @@ const CREATE_FATE: &str = "the create was abandoned: it is rolled back, or, if t
 /// `carry_on`, the message is sent from its own task, so it is delivered
 /// and carried out even when the caller gives up (deadline, or the client
 /// cancelled); otherwise giving up drops it.
-async fn ask<M, T>(
+pub(crate) async fn ask<M, T>(
     supervisor: &Addr<Supervisor>,
     msg: M,
     deadline: Deadline,
@@ -384,7 +386,8 @@ impl GrpcServer {
         self.tls.reloader()
     }
 
-    /// Serves until `shutdown` completes, then finishes requests in flight.
+    /// Serves until `stop` is set, then finishes requests in flight (open
+    /// streams of the Operator service end at once).
     ///
     /// Limits: at most `MANAGER_GRPC_MAX_CONNECTIONS` connections (one more
     /// is closed at once), each silent for at most [`FIRST_BYTES_TIMEOUT`];
@@ -395,17 +398,21 @@ impl GrpcServer {
     /// keepalive so dead peers free their slot; headers of at most
     /// [`MAX_HEADER_LIST_SIZE`]; each request bounded by
     /// `MANAGER_GRPC_TIMEOUT`.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), String> {
+    pub async fn serve(self, stop: watch::Receiver<bool>) -> Result<(), String> {
+        let streams_stop = stop.clone();
+        let shutdown = async move {
+            let mut stop = stop;
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(OPERATOR_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| format!("reflection: {e}"))?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(OPERATOR_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| format!("reflection: {e}"))?;
@@ -442,6 +449,13 @@ impl GrpcServer {
             max_message_size = limits.max_message_size,
             "gRPC API serving"
         );
+        let operator = OperatorServer::new(OperatorApi {
+            supervisor: self.supervisor.clone(),
+            timeout: limits.timeout,
+            stop: streams_stop,
+        })
+        .max_decoding_message_size(limits.max_message_size)
+        .max_encoding_message_size(limits.max_message_size);
         let api = ManagerServiceServer::new(ManagerApi {
             supervisor: self.supervisor,
             timeout: limits.timeout,
@@ -454,6 +468,7 @@ impl GrpcServer {
         let incoming = LimitedIncoming::new(incoming, limits.max_connections, FIRST_BYTES_TIMEOUT);
         let router = builder
             .add_service(api)
+            .add_service(operator)
             .add_service(self.health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);

@@ -67,8 +67,15 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
                 .into_response()
         }
     };
-    let running = vms.iter().filter(|v| v.running).count();
-    let failed = vms.iter().filter(|v| v.failed).count();
+    use cocos_core::events::VmState;
+    let running = vms
+        .iter()
+        .filter(|v| v.facts.state == VmState::Running)
+        .count();
+    let failed = vms
+        .iter()
+        .filter(|v| v.facts.state == VmState::Failed)
+        .count();
     let text = format!(
         "# HELP cocos_manager_vms VMs known to the manager, by state.\n\
          # TYPE cocos_manager_vms gauge\n\

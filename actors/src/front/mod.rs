@@ -1,9 +1,12 @@
-//! The front: the gRPC API (Cocos-compatible service, health, reflection)
-//! and the HTTP health/metrics endpoint. It only turns requests into
+//! The front: the gRPC API (Cocos-compatible service, the operator's
+//! extension service, health, reflection) and the HTTP health/metrics
+//! endpoint. It only turns requests into
 //! messages for the supervisor, each with a deadline.
 
 pub mod grpc;
 pub mod http;
+pub mod logs;
+pub mod operator;
 pub mod tls;
 
 use std::future::Future;
