@@ -810,21 +810,37 @@ fn create_wait_with_the_development_guest() {
     assert_eq!(vm["port"].as_u64(), Some(u64::from(port)), "{vm}");
     let pid = vm["pid"].as_i64().unwrap_or_else(|| panic!("pid: {vm}")) as i32;
     assert!(process_exists(pid), "{vm}");
-    // logs: the guest's boot lines from its serial console (the kernel's
-    // banner, then its init reaching the agent).
+    // logs: the guest's boot lines from its serial console, its init
+    // starting through to its agent listening.
     let run = ctl(&manager, &["logs", &id]);
     assert_eq!(run.code, 0, "logs: {}", run.stderr);
-    assert!(
-        run.stdout.contains("Linux version"),
-        "no kernel banner in the console log: {}",
-        run.stdout
-    );
-    // logs -f: the boot lines, then the stream ends with 0 at the remove.
+    let boot = [
+        "dev-guest: init started (kernel",
+        "dev-guest: agent listening on",
+    ];
+    let at: Vec<usize> = boot
+        .iter()
+        .map(|line| {
+            run.stdout
+                .find(line)
+                .unwrap_or_else(|| panic!("no {line:?} in the console log: {}", run.stdout))
+        })
+        .collect();
+    assert!(at[0] < at[1], "boot lines out of order: {}", run.stdout);
+    // logs -f: the boot lines, then a new one (the remove presses the ACPI
+    // power button, and the guest says so), then the stream ends with 0.
     let mut follower = Follower::start(&manager, &["logs", "-f", &id]);
-    follower.wait_for(Duration::from_secs(30), "the kernel banner", |l| {
-        l.contains("Linux version")
+    follower.wait_for(Duration::from_secs(30), "the agent's boot line", |l| {
+        l.contains("dev-guest: agent listening on")
     });
-    let run = ctl(&manager, &["remove", &id]);
+    let remover = {
+        let (url, id) = (format!("127.0.0.1:{}", manager.grpc_port), id.clone());
+        std::thread::spawn(move || ctl_env(&["--grpc-url", &url, "remove", &id], &[]))
+    };
+    follower.wait_for(Duration::from_secs(60), "the power button line", |l| {
+        l.contains("ACPI power button pressed")
+    });
+    let run = remover.join().expect("remove thread");
     assert_eq!(run.code, 0, "remove: {}", run.stderr);
     let status = follower.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{status:?}: {}", follower.stderr());
@@ -948,6 +964,16 @@ fn list_info_and_events_on_the_stand_in() {
     assert!(row("PORT").ends_with(&port_a.to_string()));
     assert!(row("CPU TYPE").ends_with("max"));
     assert!(row("COMMAND LINE").contains("qemu-stand-in"));
+    assert!(row("SETTINGS").contains("--settings lists them"));
+    let run = ctl(&manager, &["info", "--settings", &a]);
+    assert_eq!(run.code, 0, "info --settings: {}", run.stderr);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.trim() == "MANAGER_QEMU_VTPM=none"),
+        "{}",
+        run.stdout
+    );
 
     // A watcher of VM b alone, in table mode: it opens with b's current
     // state and the SYNCED line.

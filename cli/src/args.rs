@@ -128,6 +128,10 @@ pub enum Command {
     Info {
         /// The VM's id
         id: String,
+        /// List every manager setting in force at the create in the table
+        /// (JSON always has them)
+        #[arg(long)]
+        settings: bool,
     },
     /// Print a VM's console log, or QEMU's own log (StreamLogs)
     Logs(LogsArgs),

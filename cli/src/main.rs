@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         Command::Create(_) => "create".to_string(),
         Command::Remove { id } => format!("remove {id}"),
         Command::List => "list".to_string(),
-        Command::Info { id } => format!("info {id}"),
+        Command::Info { id, .. } => format!("info {id}"),
         Command::Logs(logs) => format!("logs {}", logs.id),
         Command::Events { id: None } => "events".to_string(),
         Command::Events { id: Some(id) } => format!("events {id}"),
@@ -93,7 +93,7 @@ async fn run(cli: Cli, redactor: &mut Redactor) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Info { id } => info(&target, id, output).await,
+        Command::Info { id, settings } => info(&target, id, output, settings).await,
         Command::Logs(logs) => stream_logs(&target, logs, output).await,
         Command::Events { id } => watch_events(&target, id, output).await,
         Command::Policy { id } => {
@@ -129,7 +129,7 @@ fn operator_failure(target: &Target, command: &str, failure: Failure) -> Failure
 }
 
 /// `info`: GetVm, or CVMInfo from a manager without the operator's service.
-async fn info(target: &Target, id: String, output: Output) -> Result<(), Failure> {
+async fn info(target: &Target, id: String, output: Output, settings: bool) -> Result<(), Failure> {
     let channel = target.channel(false).await?;
     let mut operator = target.operator_client(channel.clone());
     let request = target.request(GetVmRequest { id: id.clone() });
@@ -137,7 +137,7 @@ async fn info(target: &Target, id: String, output: Output) -> Result<(), Failure
         Ok(got) => {
             match output {
                 Output::Json => emit_json(&view::info_json(&id, &got)),
-                Output::Table => emit(&view::pairs(&view::info_pairs(&id, &got))),
+                Output::Table => emit(&view::pairs(&view::info_pairs(&id, &got, settings))),
             }
             return Ok(());
         }

@@ -254,8 +254,13 @@ pub fn shell_word(word: &str) -> String {
     }
 }
 
-/// `info` from `GetVm`, as label/value pairs.
-pub fn info_pairs(id: &str, got: &GetVmResponse) -> Vec<(&'static str, String)> {
+/// `info` from `GetVm`, as label/value pairs. The manager settings (a
+/// hundred or so) are listed with `all_settings`, else counted.
+pub fn info_pairs(
+    id: &str,
+    got: &GetVmResponse,
+    all_settings: bool,
+) -> Vec<(&'static str, String)> {
     let mut rows = Vec::new();
     match &got.vm {
         Some(vm) => {
@@ -279,7 +284,12 @@ pub fn info_pairs(id: &str, got: &GetVmResponse) -> Vec<(&'static str, String)> 
     }
     let launch = got.launch.clone().unwrap_or_default();
     let settings: BTreeMap<&String, &String> = launch.settings.iter().collect();
-    let settings: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let settings = if all_settings || settings.is_empty() {
+        let lines: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        lines.join("\n")
+    } else {
+        format!("{} (--settings lists them)", settings.len())
+    };
     rows.extend([
         ("OVMF VERSION", or_none(&launch.ovmf_version)),
         ("CPUS", launch.cpu_num.to_string()),
@@ -289,7 +299,7 @@ pub fn info_pairs(id: &str, got: &GetVmResponse) -> Vec<(&'static str, String)> 
         ("AA KBS PARAMS", or_none(&launch.aa_kbs_params)),
         ("HOST DATA", or_none(&launch.host_data)),
         ("MEASUREMENT", or_none(&launch.measurement)),
-        ("SETTINGS", or_none(&settings.join("\n"))),
+        ("SETTINGS", or_none(&settings)),
         (
             "COMMAND LINE",
             or_none(
@@ -353,7 +363,7 @@ pub fn event_line(event: &VmEvent) -> String {
     let vm = event.vm.as_ref().map(vm_summary);
     let what = match kind {
         Some(EventKind::Synced) => {
-            "the VMs above are as they were when the watch began; live events follow".to_string()
+            "end of the current state (one line per VM above); live events follow".to_string()
         }
         Some(EventKind::Lagged) => format!(
             "LAGGED: this watcher fell behind and {} events were lost (not shown)",
@@ -605,7 +615,7 @@ mod tests {
 
     #[test]
     fn info_pairs_show_settings_sorted_and_a_shell_command_line() {
-        let text = pairs(&info_pairs("x", &got()));
+        let text = pairs(&info_pairs("x", &got(), true));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines
             .iter()
@@ -629,6 +639,23 @@ mod tests {
             && l.ends_with(
                 r"/usr/bin/qemu-system-x86_64 -append 'console=ttyS0 quiet' -name 'it'\''s'"
             )));
+    }
+
+    #[test]
+    fn settings_are_counted_unless_asked_for() {
+        let text = pairs(&info_pairs("x", &got(), false));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("SETTINGS"))
+            .expect("settings");
+        assert!(line.ends_with("2 (--settings lists them)"), "{line}");
+        assert!(!text.contains("MANAGER_QEMU_MEMORY_SIZE"));
+        let mut none = got();
+        none.launch = None;
+        let text = pairs(&info_pairs("x", &none, false));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("SETTINGS") && l.ends_with(NONE)));
     }
 
     #[test]
@@ -678,7 +705,7 @@ mod tests {
             kind: EventKind::Synced as i32,
             ..Default::default()
         };
-        assert!(event_line(&synced).contains("synced       -  the VMs above"));
+        assert!(event_line(&synced).contains("synced       -  end of the current state"));
         let mut removed = event(EventKind::Removed);
         removed.vm = None;
         assert_eq!(
