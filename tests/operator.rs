@@ -193,6 +193,15 @@ async fn watch_sees_create_crash_restart_ttl_and_remove_in_order() {
         kinds_of(&seen, Some(&b)),
         [Created, Running, Stopping, Exited, Removed]
     );
+    let removed = seen
+        .iter()
+        .rfind(|e| e.id == b && e.kind() == Removed)
+        .and_then(|e| e.vm.clone())
+        .expect("VM in REMOVED");
+    assert_eq!(
+        (removed.state(), removed.pid, removed.port),
+        (VmState::Stopped, 0, 0)
+    );
     // Numbered in order, none twice.
     assert!(seen.windows(2).all(|w| w[0].sequence < w[1].sequence));
 

@@ -25,7 +25,9 @@ use tokio::sync::broadcast;
 use tracing::{debug, error, info, warn};
 
 use crate::attest::Measurer;
-use crate::cvm::{Adopt, Boot, CvmActor, Described, Services, Stop, VmGone, VmReport, VmState};
+use crate::cvm::{
+    Adopt, Boot, CvmActor, Describe, Described, Services, Stop, VmGone, VmReport, VmState,
+};
 use crate::error::ApiError;
 use crate::ports::PortAllocator;
 use crate::process::{identify, pidfd_exited, pidfd_open, pidfd_signal};
@@ -82,6 +84,7 @@ pub struct GetVm(pub String);
 pub struct VmDetail {
     pub view: VmView,
     pub info: LaunchInfo,
+    /// None once the VM's actor has ended (a failed VM still listed).
     pub described: Option<Described>,
 }
 
@@ -125,8 +128,8 @@ struct VmEntry {
     /// Gave up after its restart budget; holds nothing, kept so it shows.
     failed: bool,
     view: VmView,
-    paths: VmPaths,
-    described: Option<Described>,
+    /// Its console log and QEMU log.
+    logs: (PathBuf, PathBuf),
 }
 
 pub struct Supervisor {
@@ -193,9 +196,17 @@ impl Supervisor {
 
     /// Drops VM `id` from the list, telling watchers it is removed.
     fn forget(&mut self, id: &str) -> bool {
-        if !self.vms.contains_key(id) {
+        let Some(entry) = self.vms.get_mut(id) else {
             return false;
+        };
+        // It holds nothing any more.
+        let facts = &mut entry.view.facts;
+        if facts.state != VmState::Failed {
+            facts.state = VmState::Stopped;
         }
+        facts.pid = None;
+        facts.port = None;
+        facts.started = None;
         self.publish(id, &EventKind::Removed);
         if let Some(entry) = self.vms.remove(id) {
             if entry.failed {
@@ -279,6 +290,7 @@ impl Handler<CreateVm> for Supervisor {
             facts: VmFacts::starting(),
         };
         let paths = VmPaths::new(&config, &id);
+        let logs = (paths.console_log, paths.qemu_log);
         let addr = CvmActor::new(
             id.clone(),
             config,
@@ -296,8 +308,7 @@ impl Handler<CreateVm> for Supervisor {
                 port: None,
                 failed: false,
                 view,
-                paths,
-                described: None,
+                logs,
             },
         );
         self.publish(&id, &EventKind::Created);
@@ -310,6 +321,8 @@ impl Handler<CreateVm> for Supervisor {
                         Ok(booted) => {
                             if let Some(entry) = act.vms.get_mut(&id) {
                                 entry.port = Some(booted.port);
+                                entry.view.vtpm = booted.attestation.vtpm;
+                                entry.view.tee = booted.attestation.launch;
                                 entry.attestation = Some(booted.attestation);
                             }
                             Ok(CreateRes {
@@ -452,17 +465,26 @@ impl Handler<ListVms> for Supervisor {
 }
 
 impl Handler<GetVm> for Supervisor {
-    type Result = Result<VmDetail, ApiError>;
+    type Result = ResponseFuture<Result<VmDetail, ApiError>>;
 
+    /// The VM's actor holds what it was launched with (one copy per VM);
+    /// asked here, while the listing's facts come from the table.
     fn handle(&mut self, msg: GetVm, _ctx: &mut Self::Context) -> Self::Result {
-        let entry = self
-            .vms
-            .get(&msg.0)
-            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
-        Ok(VmDetail {
-            view: entry.view.clone(),
-            info: entry.info.clone(),
-            described: entry.described.clone(),
+        let Some(entry) = self.vms.get(&msg.0) else {
+            let id = msg.0;
+            return Box::pin(
+                async move { Err(ApiError::NotFound(format!("no VM with id {id:?}"))) },
+            );
+        };
+        let view = entry.view.clone();
+        let info = entry.info.clone();
+        let describe = entry.addr.send(Describe);
+        Box::pin(async move {
+            Ok(VmDetail {
+                view,
+                info,
+                described: describe.await.ok(),
+            })
         })
     }
 }
@@ -505,10 +527,7 @@ impl Handler<LogFiles> for Supervisor {
             .vms
             .get(&msg.0)
             .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
-        Ok((
-            entry.paths.console_log.clone(),
-            entry.paths.qemu_log.clone(),
-        ))
+        Ok(entry.logs.clone())
     }
 }
 
@@ -528,13 +547,6 @@ impl Handler<VmReport> for Supervisor {
             return;
         };
         entry.view.facts = msg.facts;
-        if let Some(described) = msg.described {
-            entry.view.vtpm = described.attestation.as_ref().is_some_and(|a| a.vtpm);
-            if let Some(attestation) = &described.attestation {
-                entry.view.tee = attestation.launch;
-            }
-            entry.described = Some(*described);
-        }
         self.publish(&msg.id, &msg.kind);
     }
 }
@@ -604,7 +616,10 @@ impl Handler<Readopt> for Supervisor {
                             .as_ref()
                             .map(|a| a.launch)
                             .unwrap_or_else(|| launch_kind(self.config.tee_mode())),
-                        vtpm: record.swtpm.is_some(),
+                        vtpm: record
+                            .attestation
+                            .as_ref()
+                            .map_or(record.swtpm.is_some(), |a| a.vtpm),
                         created,
                         readopted: true,
                         facts: VmFacts::starting(),
@@ -618,8 +633,10 @@ impl Handler<Readopt> for Supervisor {
                             port: Some(record.port),
                             failed: false,
                             view,
-                            paths: record.paths.clone(),
-                            described: None,
+                            logs: (
+                                record.paths.console_log.clone(),
+                                record.paths.qemu_log.clone(),
+                            ),
                         },
                     );
                     adoptions.push(async move { (id, addr.send(Adopt(record)).await) });

@@ -58,11 +58,13 @@ pub struct VmReport {
     pub id: String,
     pub kind: EventKind,
     pub facts: VmFacts,
-    /// What the VM runs, sent once it is known (a launch is up).
-    pub described: Option<Box<Described>>,
 }
 
-/// What a VM was launched with, as `GetVm` shows it.
+/// What the VM was launched with, for `GetVm`.
+#[derive(Message)]
+#[rtype(result = "Described")]
+pub struct Describe;
+
 #[derive(Debug, Clone)]
 pub struct Described {
     pub launch: Option<LaunchFacts>,
@@ -247,18 +249,10 @@ impl CvmActor {
     /// Tells the supervisor (and through it, watchers and metrics) what
     /// happened to the VM.
     fn report(&self, kind: EventKind) {
-        let described = matches!(kind, EventKind::Running | EventKind::Readopted).then(|| {
-            Box::new(Described {
-                launch: self.launch.clone(),
-                argv: self.argv.clone(),
-                attestation: self.attestation.clone(),
-            })
-        });
         self.services.reports.do_send(VmReport {
             id: self.id.clone(),
             kind,
             facts: self.facts(),
-            described,
         });
     }
 
@@ -898,6 +892,18 @@ impl Handler<Adopt> for CvmActor {
                 Ok(port)
             }),
         )
+    }
+}
+
+impl Handler<Describe> for CvmActor {
+    type Result = MessageResult<Describe>;
+
+    fn handle(&mut self, _: Describe, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(Described {
+            launch: self.launch.clone(),
+            argv: self.argv.clone(),
+            attestation: self.attestation.clone(),
+        })
     }
 }
 
