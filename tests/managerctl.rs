@@ -423,7 +423,7 @@ fn errors_name_the_code_and_exit_with_the_documented_code() {
 
     // Unknown id: NOT_FOUND, 3, for each command that takes an id, with a
     // message naming the id.
-    for command in ["info", "remove", "policy", "logs"] {
+    for command in ["info", "remove", "policy", "logs", "events"] {
         let run = ctl(&manager, &[command, "no-such-vm"]);
         assert_eq!(run.code, 3, "{command}: {} {}", run.stdout, run.stderr);
         assert!(run.stdout.is_empty());
