@@ -1,5 +1,7 @@
 //! The command line: global connection options (flags or the Cocos CLI's
-//! environment variables) and one subcommand per `manager.ManagerService` RPC.
+//! environment variables) and the subcommands: one per `manager.ManagerService`
+//! RPC, and `list`, `logs` and `events` over the operator's service
+//! (`cocos.manager.v1.Operator`).
 
 use std::path::PathBuf;
 
@@ -16,20 +18,23 @@ Exit codes:
   5  UNAVAILABLE: the manager cannot be reached (not running, connection refused, TLS failure)
   6  DEADLINE_EXCEEDED: no answer within the timeout, or the agent not ready within --wait-timeout
 
-Errors are one line on stderr: `managerctl: <what> failed: <GRPC_CODE>: <message>`.";
+Errors are one line on stderr: `managerctl: <what> failed: <GRPC_CODE>: <message>`.
+`logs -f` and `events` run until Ctrl-C (SIGINT) or until the manager ends the
+stream (`logs -f`: the VM was removed), and then exit 0.";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "managerctl",
     version,
-    about = "Command-line client of the Cocos manager (manager.ManagerService)",
+    about = "Command-line client of the Cocos manager (manager.ManagerService and cocos.manager.v1.Operator)",
     after_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
     #[command(flatten)]
     pub conn: Connection,
 
-    /// Output format: a table for people, JSON (one document on stdout) for scripts.
+    /// Output format: a table for people, JSON for scripts (one document on
+    /// stdout; `logs` and `events`: one object per line)
     #[arg(
         long,
         short = 'o',
@@ -116,16 +121,62 @@ pub enum Command {
         /// The VM's id
         id: String,
     },
-    /// Show a VM's facts (CVMInfo)
+    /// List the VMs (ListVms)
+    List,
+    /// Show a VM: state, process, launch configuration, command line (GetVm;
+    /// CVMInfo from a manager without the operator's service)
     Info {
         /// The VM's id
         id: String,
+        /// List every manager setting in force at the create in the table
+        /// (JSON always has them)
+        #[arg(long)]
+        settings: bool,
+    },
+    /// Print a VM's console log, or QEMU's own log (StreamLogs)
+    Logs(LogsArgs),
+    /// Follow lifecycle events, of all VMs or of one (WatchEvents); it
+    /// opens with the current state of each VM
+    Events {
+        /// Only this VM's events (the stream ends when it is removed)
+        id: Option<String>,
     },
     /// Print a VM's attestation policy JSON (AttestationPolicy)
     Policy {
         /// The VM's id
         id: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The VM's id
+    pub id: String,
+    /// Keep following: print new lines as they come, until Ctrl-C or the VM
+    /// is removed
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// How many of the last lines to print first: a number, or `all` (at
+    /// most 100000, the most the manager sends)
+    #[arg(long, default_value = "all", value_name = "N", value_parser = parse_tail)]
+    pub tail: u32,
+    /// QEMU's own log (its stderr) instead of the guest's serial console
+    #[arg(long)]
+    pub qemu: bool,
+}
+
+/// What `--tail all` asks for: the most lines the manager sends for one
+/// request (it refuses more with INVALID_ARGUMENT).
+pub const TAIL_ALL: u32 = 100_000;
+
+/// `--tail`: `all` (every line the manager kept, up to [`TAIL_ALL`]) or a
+/// count.
+fn parse_tail(text: &str) -> Result<u32, String> {
+    if text.eq_ignore_ascii_case("all") {
+        return Ok(TAIL_ALL);
+    }
+    text.parse::<u32>()
+        .map_err(|_| format!("{text:?} is neither a number of lines nor `all`"))
 }
 
 #[derive(Debug, Args)]
@@ -215,5 +266,40 @@ mod tests {
         };
         assert_eq!(create.client_key, Some(PathBuf::from("agent.key")));
         assert_eq!(create.client_crt, Some(PathBuf::from("agent.crt")));
+    }
+
+    #[test]
+    fn logs_flags() {
+        let cli = Cli::try_parse_from(["managerctl", "logs", "vm-1", "-f", "--tail", "20"])
+            .expect("parses");
+        let Command::Logs(logs) = cli.command else {
+            panic!("logs")
+        };
+        assert_eq!(logs.id, "vm-1");
+        assert!(logs.follow && !logs.qemu);
+        assert_eq!(logs.tail, 20);
+        let cli = Cli::try_parse_from(["managerctl", "logs", "--qemu", "vm-1"]).expect("parses");
+        let Command::Logs(logs) = cli.command else {
+            panic!("logs")
+        };
+        assert!(logs.qemu && !logs.follow);
+        assert_eq!(logs.tail, TAIL_ALL, "all by default");
+        assert!(Cli::try_parse_from(["managerctl", "logs", "vm-1", "--tail", "-3"]).is_err());
+        assert!(Cli::try_parse_from(["managerctl", "logs"]).is_err());
+    }
+
+    #[test]
+    fn events_take_an_optional_id() {
+        let cli = Cli::try_parse_from(["managerctl", "events"]).expect("parses");
+        assert!(matches!(cli.command, Command::Events { id: None }));
+        let cli =
+            Cli::try_parse_from(["managerctl", "-o", "json", "events", "vm-1"]).expect("parses");
+        assert!(matches!(cli.command, Command::Events { id: Some(ref id) } if id == "vm-1"));
+        assert!(matches!(
+            Cli::try_parse_from(["managerctl", "list"])
+                .expect("parses")
+                .command,
+            Command::List
+        ));
     }
 }

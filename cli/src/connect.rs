@@ -5,6 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use cocos_core::duration::{format_go_duration, parse_go_duration};
+use cocos_core::operator_proto::operator_client::OperatorClient;
 use cocos_core::proto::manager_service_client::ManagerServiceClient;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -17,6 +18,19 @@ pub const DEFAULT_URL: &str = "localhost:7001";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub type Client = ManagerServiceClient<Channel>;
+pub type Operator = OperatorClient<Channel>;
+
+/// Largest answer accepted (a long console tail comes in many messages;
+/// this bounds one).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// HTTP/2 PINGs on a following stream (`logs -f`, `events`), so a manager
+/// that vanished without closing the connection (its host gone) ends the
+/// stream instead of leaving it open for ever. Only there: the Cocos
+/// manager (grpc-go) refuses clients that ping more often than every 5
+/// minutes, and the other commands are bounded anyway.
+const FOLLOW_PING_INTERVAL: Duration = Duration::from_secs(30);
+const FOLLOW_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A resolved connection: URI with its scheme, the bare host (for the agent's
 /// forwarded port), the TLS settings and the bound of each request.
@@ -132,12 +146,34 @@ impl Target {
         })
     }
 
-    /// Connects (TCP, and the TLS handshake) within the request bound.
+    /// A `manager.ManagerService` client, connected within the request bound.
     pub async fn connect(&self) -> Result<Client, Failure> {
+        Ok(self.manager_client(self.channel(false).await?))
+    }
+
+    pub fn manager_client(&self, channel: Channel) -> Client {
+        ManagerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// A `cocos.manager.v1.Operator` client.
+    pub fn operator_client(&self, channel: Channel) -> Operator {
+        OperatorClient::new(channel).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Connects (TCP, and the TLS handshake) within the request bound;
+    /// `follow` for a stream that stays open (PINGs detect a vanished
+    /// manager).
+    pub async fn channel(&self, follow: bool) -> Result<Channel, Failure> {
         let mut endpoint = Endpoint::from_shared(self.uri.clone())
             .map_err(|e| Failure::usage(format!("--grpc-url {:?}: {e}", self.uri)))?
             .connect_timeout(self.timeout)
             .tcp_nodelay(true);
+        if follow {
+            endpoint = endpoint
+                .http2_keep_alive_interval(FOLLOW_PING_INTERVAL)
+                .keep_alive_timeout(FOLLOW_PING_TIMEOUT)
+                .keep_alive_while_idle(false);
+        }
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
                 Failure::grpc(
@@ -156,8 +192,7 @@ impl Target {
                 ),
             )),
             Ok(Err(e)) => Err(connect_failure(&self.uri, &e)),
-            Ok(Ok(channel)) => Ok(ManagerServiceClient::new(channel)
-                .max_decoding_message_size(64 * 1024 * 1024)),
+            Ok(Ok(channel)) => Ok(channel),
         }
     }
 
@@ -166,6 +201,20 @@ impl Target {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.timeout);
         request
+    }
+
+    /// The failure for an operator RPC the manager does not serve: a Cocos
+    /// manager has only `manager.ManagerService`.
+    pub fn no_operator_service(&self, command: &str) -> Failure {
+        Failure::grpc(
+            Code::Unimplemented,
+            format!(
+                "the manager at {} does not offer the operator's service \
+                 (cocos.manager.v1.Operator; a Cocos manager has only manager.ManagerService), \
+                 which `{command}` needs",
+                self.uri
+            ),
+        )
     }
 
     /// Waits for an answer within the bound: the manager answers

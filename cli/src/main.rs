@@ -1,12 +1,16 @@
 //! `managerctl`: the command-line client of the Cocos manager. It speaks the
-//! compatible `manager.ManagerService` (create, remove, info, policy), reads
-//! its connection settings from flags or the Cocos CLI's environment
-//! variables, and exits with codes a script can rely on (see `--help`).
+//! compatible `manager.ManagerService` (create, remove, info, policy) and the
+//! operator's `cocos.manager.v1.Operator` (list, info, logs, events; `info`
+//! falls back to `CVMInfo` on a Cocos manager), reads its connection settings
+//! from flags or the Cocos CLI's environment variables, and exits with codes
+//! a script can rely on (see `--help`).
 
 mod agent;
 mod args;
 mod connect;
 mod failure;
+mod follow;
+mod view;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -14,12 +18,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use cocos_core::duration::format_go_duration;
+use cocos_core::operator_proto::{
+    GetVmRequest, ListVmsRequest, LogSource, StreamLogsRequest, WatchEventsRequest,
+};
 use cocos_core::proto::{AttestationPolicyReq, CreateReq, CvmInfoReq, RemoveReq};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tonic::Code;
 
-use args::{Cli, Command, Create, Output};
+use args::{Cli, Command, Create, LogsArgs, Output};
 use connect::Target;
 use failure::{Failure, Redactor};
 
@@ -28,7 +35,11 @@ fn main() -> ExitCode {
     let what = match &cli.command {
         Command::Create(_) => "create".to_string(),
         Command::Remove { id } => format!("remove {id}"),
-        Command::Info { id } => format!("info {id}"),
+        Command::List => "list".to_string(),
+        Command::Info { id, .. } => format!("info {id}"),
+        Command::Logs(logs) => format!("logs {}", logs.id),
+        Command::Events { id: None } => "events".to_string(),
+        Command::Events { id: Some(id) } => format!("events {id}"),
         Command::Policy { id } => format!("policy {id}"),
     };
     let mut redactor = Redactor::default();
@@ -67,30 +78,24 @@ async fn run(cli: Cli, redactor: &mut Redactor) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Info { id } => {
-            let mut client = target.connect().await?;
-            let request = target.request(CvmInfoReq { id });
-            let info = target.call(client.cvm_info(request)).await?;
+        Command::List => {
+            let mut client = target.operator_client(target.channel(false).await?);
+            let listed = target
+                .call(client.list_vms(target.request(ListVmsRequest {})))
+                .await
+                .map_err(|f| operator_failure(&target, "list", f))?;
             match output {
-                Output::Json => emit_json(&json!({
-                    "id": info.id,
-                    "ovmf_version": info.ovmf_version,
-                    "cpu_num": info.cpu_num,
-                    "cpu_type": info.cpu_type,
-                    "kernel_cmd": info.kernel_cmd,
-                    "eos_version": info.eos_version,
-                })),
-                Output::Table => emit_pairs(&[
-                    ("ID", info.id),
-                    ("OVMF VERSION", info.ovmf_version),
-                    ("CPUS", info.cpu_num.to_string()),
-                    ("CPU TYPE", info.cpu_type),
-                    ("KERNEL CMDLINE", info.kernel_cmd),
-                    ("EOS VERSION", info.eos_version),
-                ]),
+                Output::Json => emit_json(&view::list_json(&listed.vms)),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = listed.vms.iter().map(view::vm_row).collect();
+                    emit(&view::table(&view::LIST_HEADERS, &rows));
+                }
             }
             Ok(())
         }
+        Command::Info { id, settings } => info(&target, id, output, settings).await,
+        Command::Logs(logs) => stream_logs(&target, logs, output).await,
+        Command::Events { id } => watch_events(&target, id, output).await,
         Command::Policy { id } => {
             let mut client = target.connect().await?;
             let request = target.request(AttestationPolicyReq { id: id.clone() });
@@ -111,6 +116,128 @@ async fn run(cli: Cli, redactor: &mut Redactor) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// An operator RPC's failure; UNIMPLEMENTED means a manager without the
+/// operator's service, and says so.
+fn operator_failure(target: &Target, command: &str, failure: Failure) -> Failure {
+    if failure.code == Some(Code::Unimplemented) {
+        target.no_operator_service(command)
+    } else {
+        failure
+    }
+}
+
+/// `info`: GetVm, or CVMInfo from a manager without the operator's service.
+async fn info(target: &Target, id: String, output: Output, settings: bool) -> Result<(), Failure> {
+    let channel = target.channel(false).await?;
+    let mut operator = target.operator_client(channel.clone());
+    let request = target.request(GetVmRequest { id: id.clone() });
+    match target.call(operator.get_vm(request)).await {
+        Ok(got) => {
+            match output {
+                Output::Json => emit_json(&view::info_json(&id, &got)),
+                Output::Table => emit(&view::pairs(&view::info_pairs(&id, &got, settings))),
+            }
+            return Ok(());
+        }
+        Err(failure) if failure.code == Some(Code::Unimplemented) => {}
+        Err(failure) => return Err(failure),
+    }
+    let mut client = target.manager_client(channel);
+    let request = target.request(CvmInfoReq { id });
+    let info = target.call(client.cvm_info(request)).await?;
+    match output {
+        Output::Json => emit_json(&json!({
+            "id": info.id,
+            "ovmf_version": info.ovmf_version,
+            "cpu_num": info.cpu_num,
+            "cpu_type": info.cpu_type,
+            "kernel_cmd": info.kernel_cmd,
+            "eos_version": info.eos_version,
+            "api": "cocos",
+        })),
+        Output::Table => emit_pairs(&[
+            ("ID", info.id),
+            ("OVMF VERSION", info.ovmf_version),
+            ("CPUS", info.cpu_num.to_string()),
+            ("CPU TYPE", info.cpu_type),
+            ("KERNEL CMDLINE", info.kernel_cmd),
+            ("EOS VERSION", info.eos_version),
+        ]),
+    }
+    Ok(())
+}
+
+/// `logs`: the console (or QEMU) log's last lines, then with `--follow` new
+/// ones until Ctrl-C or the VM's removal. Lines are printed as the bytes
+/// they are (a console need not be UTF-8); JSON: one object per line.
+async fn stream_logs(target: &Target, args: LogsArgs, output: Output) -> Result<(), Failure> {
+    let mut interrupt = follow::Interrupt::install()?;
+    let source = if args.qemu {
+        LogSource::Qemu
+    } else {
+        LogSource::Console
+    };
+    let request = StreamLogsRequest {
+        id: args.id,
+        source: source as i32,
+        tail_lines: args.tail,
+        follow: args.follow,
+    };
+    // A following stream has no deadline (it lasts as long as the VM); one
+    // that does not follow must keep coming within the bound.
+    let per_message = (!args.follow).then_some(target.timeout);
+    let opening = async {
+        let mut client = target.operator_client(target.channel(args.follow).await?);
+        target
+            .call(client.stream_logs(tonic::Request::new(request)))
+            .await
+            .map_err(|f| operator_failure(target, "logs", f))
+    };
+    let Some(mut stream) = follow::open(&mut interrupt, opening).await? else {
+        return Ok(());
+    };
+    follow::drain(
+        target,
+        &mut stream,
+        &mut interrupt,
+        per_message,
+        |line| match output {
+            Output::Table => follow::print_line(&line.line),
+            Output::Json => follow::print_line(view::log_json(&line).to_string().as_bytes()),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// `events`: follows WatchEvents until Ctrl-C (or the manager ends it): one
+/// line per event, or one JSON object per line.
+async fn watch_events(target: &Target, id: Option<String>, output: Output) -> Result<(), Failure> {
+    let mut interrupt = follow::Interrupt::install()?;
+    let request = tonic::Request::new(WatchEventsRequest {
+        id: id.unwrap_or_default(),
+    });
+    let opening = async {
+        let mut client = target.operator_client(target.channel(true).await?);
+        target
+            .call(client.watch_events(request))
+            .await
+            .map_err(|f| operator_failure(target, "events", f))
+    };
+    let Some(mut stream) = follow::open(&mut interrupt, opening).await? else {
+        return Ok(());
+    };
+    follow::drain(target, &mut stream, &mut interrupt, None, |event| {
+        let line = match output {
+            Output::Table => view::event_line(&event),
+            Output::Json => view::event_json(&event).to_string(),
+        };
+        follow::print_line(line.as_bytes())
+    })
+    .await?;
+    Ok(())
 }
 
 fn read_file(flag: &str, path: &Option<std::path::PathBuf>) -> Result<Vec<u8>, Failure> {
@@ -261,10 +388,5 @@ fn emit_json(value: &Value) {
 
 /// A two-column table of fields.
 fn emit_pairs(rows: &[(&str, String)]) {
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let text: Vec<String> = rows
-        .iter()
-        .map(|(k, v)| format!("{k:<width$}  {v}"))
-        .collect();
-    emit(&text.join("\n"));
+    emit(&view::pairs(rows));
 }
