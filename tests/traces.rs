@@ -220,6 +220,7 @@ async fn rpc_spans_continue_the_callers_trace_and_lifecycle_steps_follow() {
         .await
         .expect("CreateVm")
         .into_inner();
+    let port: i64 = created.forwarded_port.parse().expect("decimal port");
     let id = created.cvm_id;
 
     let trace_id = hex_to_bytes(&trace);
@@ -277,6 +278,8 @@ async fn rpc_spans_continue_the_callers_trace_and_lifecycle_steps_follow() {
         boot.parent_span_id, rpc.span_id,
         "vm.boot is the request's child"
     );
+    assert_eq!(int_attr(boot, "port"), Some(port));
+    assert_eq!(int_attr(step("vm.launch"), "port"), Some(port));
     for name in ["vm.files", "vm.launch", "vm.spawn", "vm.qmp_ready"] {
         let span = step(name);
         assert_eq!(
@@ -369,6 +372,7 @@ async fn rpc_spans_continue_the_callers_trace_and_lifecycle_steps_follow() {
         Some(true)
     );
     assert_eq!(bool_attr(stage("vm.stop.quit"), "timed_out"), Some(false));
+    assert_eq!(int_attr(stage("vm.stop.powerdown"), "budget_ms"), Some(300));
     // Each field once (a field recorded twice would be two attributes).
     for span in &received.spans() {
         let mut keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();

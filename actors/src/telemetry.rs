@@ -62,7 +62,7 @@ pub type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 /// The subscriber's parts that live as long as the daemon.
 pub struct Telemetry {
-    pub filter: FilterHandle,
+    filter: FilterHandle,
     provider: Option<SdkTracerProvider>,
 }
 
@@ -362,7 +362,8 @@ impl StopStageSpan {
             "vm.stop_stage",
             otel.name = name,
             vm = %vm,
-            budget_ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+            // OpenTelemetry has no unsigned integers.
+            budget_ms = i64::try_from(budget.as_millis()).unwrap_or(i64::MAX),
             timed_out = tracing::field::Empty,
         );
         StopStageSpan {

@@ -165,7 +165,8 @@ impl Launcher {
         let result = self.boot_steps(create).instrument(span.clone()).await;
         match &result {
             Ok(first) => {
-                span.record("port", first.launched.port);
+                // Integers as i64: OpenTelemetry has no unsigned ones.
+                span.record("port", i64::from(first.launched.port));
             }
             Err(e) => record_error(&span, e),
         }
@@ -507,7 +508,7 @@ impl Launcher {
             target: SPAN_TARGET,
             "vm.launch",
             vm = %self.id,
-            port,
+            port = i64::from(port),
             otel.status_code = tracing::field::Empty,
             otel.status_description = tracing::field::Empty,
         );

@@ -402,3 +402,42 @@ fn a_dead_collector_is_warned_about_once() {
         .unwrap_or_else(|e| e.into_inner()) = Instant::now().checked_sub(WARN_INTERVAL);
     assert!(exporter.warn_now());
 }
+
+#[test]
+fn only_our_spans_become_opentelemetry_spans() {
+    let spans = traced(|| {
+        // What a library (h2, the exporter's HTTP client) would make.
+        let _library = tracing::info_span!("library span").entered();
+        let _other = tracing::info_span!(target: "h2::proto", "connection").entered();
+        let _ours = tracing::info_span!(target: SPAN_TARGET, "ours").entered();
+    });
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
+    assert_eq!(names, ["ours"]);
+}
+
+#[test]
+fn a_stop_stage_records_whether_it_ran_out_once() {
+    use cocos_core::lifecycle::StopStage;
+    let spans = traced(|| {
+        StopStageSpan::new("vm-1", StopStage::PowerDown, Duration::from_secs(10)).ran_out();
+        drop(StopStageSpan::new(
+            "vm-1",
+            StopStage::Quit,
+            Duration::from_secs(5),
+        ));
+    });
+    let powerdown = named(&spans, "vm.stop.powerdown");
+    let quit = named(&spans, "vm.stop.quit");
+    assert_eq!(attribute(powerdown, "timed_out"), Some(Value::Bool(true)));
+    assert_eq!(attribute(quit, "timed_out"), Some(Value::Bool(false)));
+    assert_eq!(attribute(quit, "budget_ms"), Some(Value::I64(5000)));
+    assert_eq!(attribute(quit, "vm"), Some(Value::from("vm-1")));
+    for span in [powerdown, quit] {
+        let count = span
+            .attributes
+            .iter()
+            .filter(|kv| kv.key.as_str() == "timed_out")
+            .count();
+        assert_eq!(count, 1, "{span:?}");
+    }
+}
