@@ -104,6 +104,31 @@ impl fmt::Display for LogLevel {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (without timestamps under systemd's journal,
+    /// which adds its own).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A QEMU size such as `2048M` or `4G`, kept as written since QEMU is the
 /// one that interprets it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +298,19 @@ impl SettingValue for LogLevel {
     }
 }
 
+impl SettingValue for LogFormat {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected text or json".into()),
+        }
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
 impl SettingValue for QemuSize {
     fn parse_setting(text: &str) -> Result<Self, String> {
         let digits = text
@@ -400,6 +438,7 @@ settings! {
     grpc_host: String = "MANAGER_GRPC_HOST", "grpc.host", "localhost", "gRPC host the manager binds to";
     grpc_port: u16 = "MANAGER_GRPC_PORT", "grpc.port", "7001", "gRPC port the manager binds to";
     log_level: LogLevel = "MANAGER_LOG_LEVEL", "log_level", "info", "Logging verbosity: trace, debug, info, warn, error";
+    log_format: LogFormat = "MANAGER_LOG_FORMAT", "log_format", "text", "Log line format: text (without timestamps under systemd's journal, which adds its own) or json (one object per line)";
     max_vms: u32 = "MANAGER_MAX_VMS", "max_vms", "10", "Most VMs running at once (0 = no limit)";
     state_dir: PathBuf = "MANAGER_STATE_DIR", "state_dir", "/run/cocos-manager", "Directory holding one folder per VM (firmware vars, shares, sockets, logs, keys): runtime state, on tmpfs like /run/libvirt (a warning at start when it is not)";
     http_host: String = "MANAGER_HTTP_HOST", "http.host", "localhost", "Host of the health and metrics HTTP endpoint";
@@ -502,8 +541,8 @@ settings! {
     qemu_igvm_id: QemuWord = "MANAGER_QEMU_IGVM_ID", "qemu.igvm_id", "igvm0", "IGVM object id";
     qemu_igvm_file: PathBuf = "MANAGER_QEMU_IGVM_FILE", "qemu.igvm_file", "/root/coconut-qemu.igvm", "IGVM file (empty = SEV-SNP boots OVMF with -bios and kernel hashes)";
     // Observability
-    jaeger_url: String = "COCOS_JAEGER_URL", "jaeger.url", "http://localhost:4318", "Jaeger (OTLP HTTP) endpoint";
-    jaeger_trace_ratio: f64 = "COCOS_JAEGER_TRACE_RATIO", "jaeger.trace_ratio", "1.0", "Trace sampling ratio, 0 to 1";
+    jaeger_url: String = "COCOS_JAEGER_URL", "jaeger.url", "http://localhost:4318", "OpenTelemetry collector (Jaeger's OTLP/HTTP receiver): traces are sent to this URL + /v1/traces; empty = no traces";
+    jaeger_trace_ratio: f64 = "COCOS_JAEGER_TRACE_RATIO", "jaeger.trace_ratio", "1.0", "Share of traces sampled, 0 to 1 (an incoming traceparent's decision wins); 0 = no traces";
     eos_version: String = "MANAGER_EOS_VERSION", "eos_version", "", "EOS version of the guest image (reported by CVMInfo)";
     // Lifecycle (ours)
     start_timeout: Duration = "MANAGER_START_TIMEOUT", "lifecycle.start_timeout", "30s", "How long QEMU has to answer on its control socket after start";
@@ -752,6 +791,13 @@ impl Config {
                 "must be from 0 to 1",
             ));
         }
+        if let Err(reason) = check_collector_url(&self.jaeger_url) {
+            return Err(Config::invalid(
+                "COCOS_JAEGER_URL",
+                redact_userinfo(&self.jaeger_url),
+                reason,
+            ));
+        }
         if self.qemu_enable_host_data && !self.qemu_host_data.is_empty() {
             use base64::Engine as _;
             let decoded =
@@ -840,6 +886,67 @@ impl Config {
         }
         crate::privilege::validate(self)?;
         Ok(())
+    }
+
+    /// Where spans are exported (OTLP/HTTP: the collector's URL and
+    /// `/v1/traces`), or None when traces are off: an empty
+    /// `COCOS_JAEGER_URL` or a `COCOS_JAEGER_TRACE_RATIO` of 0.
+    pub fn traces_endpoint(&self) -> Option<String> {
+        let url = self.jaeger_url.trim();
+        if url.is_empty() || self.jaeger_trace_ratio <= 0.0 {
+            return None;
+        }
+        let base = url.trim_end_matches('/');
+        if base.ends_with("/v1/traces") {
+            return Some(base.to_string());
+        }
+        Some(format!("{base}/v1/traces"))
+    }
+}
+
+/// A collector URL the exporter can use: empty (no traces), or
+/// `http://` / `https://` with a host, and without user or password (a
+/// secret in the URL would reach error messages; collectors that need
+/// credentials take them as headers, `OTEL_EXPORTER_OTLP_HEADERS`).
+fn check_collector_url(url: &str) -> Result<(), String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Ok(());
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("expected an http:// or https:// URL (or empty for no traces)")?;
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".into());
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(
+            "must not carry a user or password; give credentials as headers (OTEL_EXPORTER_OTLP_HEADERS)"
+                .into(),
+        );
+    }
+    if authority.is_empty() || authority.starts_with(':') {
+        return Err("has no host".into());
+    }
+    if rest.contains(['?', '#']) {
+        return Err("must not carry a query or fragment".into());
+    }
+    Ok(())
+}
+
+/// `url` with whatever precedes an `@` in its authority (a user and
+/// password) replaced, for messages.
+fn redact_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}<redacted>{}", &rest[at..]),
+        None => url.to_string(),
     }
 }
 

@@ -20,6 +20,7 @@ mod reaper;
 mod records;
 mod signals;
 mod supervisor;
+mod telemetry;
 #[cfg(feature = "test-hooks")]
 mod testhooks;
 
@@ -41,13 +42,13 @@ use cocos_core::qemu::{
 use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use tracing_subscriber::{reload, EnvFilter};
 
 use crate::attest::Measurer;
 use crate::ports::{PortAllocator, SetRange};
 use crate::reaper::ZombieReaper;
 use crate::signals::SignalPipe;
 use crate::supervisor::{Ping, Readopt, Shutdown, Supervisor, UpdateConfig};
+use crate::telemetry::Telemetry;
 
 const USAGE: &str = "\
 Usage: cocos-manager [--config FILE] [--print-qemu-cmd | --print-attestation-policy | --print-default-config]
@@ -163,32 +164,6 @@ fn refuse_unsupported(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
-
-fn init_logging(config: &Config) -> (FilterHandle, tracing_appender::non_blocking::WorkerGuard) {
-    use tracing_subscriber::prelude::*;
-    #[cfg(not(feature = "test-hooks"))]
-    let stderr = std::io::stderr();
-    #[cfg(feature = "test-hooks")]
-    let stderr = testhooks::LogWriter(std::io::stderr());
-    // The writer's thread has a name the panic hook knows (see failfast).
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .thread_name(failfast::LOG_WRITER_THREAD)
-        .finish(stderr);
-    let (filter, handle) = reload::Layer::new(EnvFilter::new(config.log_level.as_str()));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(writer)
-                .with_target(false)
-                // Colour codes only for a terminal, never in a log file or the journal.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .init();
-    (handle, guard)
-}
-
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(args)) => args,
@@ -257,7 +232,8 @@ fn main() -> ExitCode {
         eprintln!("cocos-manager: configuration error: {e}");
         return ExitCode::from(2);
     }
-    let (filter, log_guard) = init_logging(&loaded.config);
+    // Logs and traces, before any runtime exists (see telemetry).
+    let (telemetry, log_guard) = telemetry::init(&loaded.config);
     // A panic on any thread is logged and ends the process (fail-fast).
     failfast::install(log_guard);
     for warning in &loaded.warnings {
@@ -265,17 +241,19 @@ fn main() -> ExitCode {
     }
     let system = actix::System::new();
     let code = system.block_on(async {
-        let code = run(source, loaded.config, filter).await;
+        let code = run(source, loaded.config, &telemetry).await;
         // Whatever `run` returned, the actors stopping now is expected.
         failfast::disarm();
         code
     });
     drop(system);
+    // The spans still queued, within a bound.
+    telemetry.shutdown();
     failfast::flush_log();
     code
 }
 
-async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> ExitCode {
+async fn run(source: ConfigSource, config: Config, telemetry: &Telemetry) -> ExitCode {
     let config = Arc::new(config);
     info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -417,7 +395,7 @@ async fn run(source: ConfigSource, config: Config, filter: FilterHandle) -> Exit
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 notify::notify("RELOADING=1");
-                current = reload(&source, current, &filter, &supervisor, &ports, &reaper).await;
+                current = reload(&source, current, telemetry, &supervisor, &ports, &reaper).await;
                 // The TLS files named by the configuration in force, read again.
                 grpc_tls.reload(&current);
                 notify::notify("READY=1");
@@ -496,7 +474,7 @@ fn lock_state_dir(config: &Config) -> Result<nix::fcntl::Flock<std::fs::File>, S
 async fn reload(
     source: &ConfigSource,
     current: Arc<Config>,
-    filter: &FilterHandle,
+    telemetry: &Telemetry,
     supervisor: &Addr<Supervisor>,
     ports: &Addr<PortAllocator>,
     reaper: &Addr<ZombieReaper>,
@@ -523,6 +501,9 @@ async fn reload(
                 | "MANAGER_HTTP_HOST"
                 | "MANAGER_HTTP_PORT"
                 | "MANAGER_STATE_DIR"
+                | "MANAGER_LOG_FORMAT"
+                | "COCOS_JAEGER_URL"
+                | "COCOS_JAEGER_TRACE_RATIO"
         ) {
             warn!(setting = name, old = %old, new = %value, "this setting takes effect only after a restart");
         }
@@ -532,6 +513,10 @@ async fn reload(
     new.http_host.clone_from(&current.http_host);
     new.http_port = current.http_port;
     new.state_dir.clone_from(&current.state_dir);
+    // The log format and the trace exporter are set up once, at start.
+    new.log_format = current.log_format;
+    new.jaeger_url.clone_from(&current.jaeger_url);
+    new.jaeger_trace_ratio = current.jaeger_trace_ratio;
     if let Err(e) = host::check_qemu_user(&new) {
         error!(error = %e, "reload refused; the previous configuration stays in force");
         return current;
@@ -559,7 +544,7 @@ async fn reload(
     for (name, old, value) in &changes {
         info!(setting = name, old = %old, new = %value, "reload: setting changed");
     }
-    if let Err(e) = filter.modify(|f| *f = EnvFilter::new(new.log_level.as_str())) {
+    if let Err(e) = telemetry.set_level(new.log_level) {
         error!(error = %e, "cannot change the log level");
     }
     ports.do_send(SetRange {

@@ -36,7 +36,11 @@ use crate::records::{self, Found};
 
 #[derive(Message)]
 #[rtype(result = "Result<CreateRes, ApiError>")]
-pub struct CreateVm(pub ValidatedCreate);
+pub struct CreateVm(
+    pub ValidatedCreate,
+    /// The request's span: the parent of the launch's spans.
+    pub tracing::Span,
+);
 
 #[derive(Message)]
 #[rtype(result = "Result<(), ApiError>")]
@@ -314,8 +318,9 @@ impl Handler<CreateVm> for Supervisor {
         );
         self.publish(&id, &EventKind::Created);
         info!(vm = %id, total = self.vms.len(), "creating VM");
+        let boot = Boot(msg.0, msg.1);
         Box::pin(
-            addr.send(Boot(msg.0))
+            addr.send(boot)
                 .into_actor(self)
                 .map(move |result, act, _ctx| {
                     match result.map_err(ApiError::from).and_then(|r| r) {

@@ -555,3 +555,70 @@ fn readme_lists_every_setting() {
         "regenerate the README table with: cocos-manager --print-config-reference"
     );
 }
+
+#[test]
+fn log_format_is_text_or_json() {
+    assert_eq!(load_ok(None, &[]).config.log_format, LogFormat::Text);
+    let c = load_ok(None, &[("MANAGER_LOG_FORMAT", "json")]).config;
+    assert_eq!(c.log_format, LogFormat::Json);
+    let c = load_ok(Some("log_format = \"JSON\"\n"), &[]).config;
+    assert_eq!(c.log_format, LogFormat::Json);
+    let message = load_err(None, &[("MANAGER_LOG_FORMAT", "yaml")]);
+    assert!(
+        message.contains("MANAGER_LOG_FORMAT")
+            && message.contains("log_format")
+            && message.contains("\"yaml\"")
+            && message.contains("text or json"),
+        "{message}"
+    );
+}
+
+#[test]
+fn traces_go_to_the_collector_url_with_the_otlp_path() {
+    let endpoint = |pairs: &[(&str, &str)]| load_ok(None, pairs).config.traces_endpoint();
+    assert_eq!(
+        endpoint(&[]).as_deref(),
+        Some("http://localhost:4318/v1/traces")
+    );
+    assert_eq!(
+        endpoint(&[("COCOS_JAEGER_URL", "https://otel.example:4318/")]).as_deref(),
+        Some("https://otel.example:4318/v1/traces")
+    );
+    assert_eq!(
+        endpoint(&[("COCOS_JAEGER_URL", "http://c:4318/prefix")]).as_deref(),
+        Some("http://c:4318/prefix/v1/traces")
+    );
+    assert_eq!(
+        endpoint(&[("COCOS_JAEGER_URL", "http://c:4318/v1/traces")]).as_deref(),
+        Some("http://c:4318/v1/traces")
+    );
+    // Off: no URL, or nothing sampled.
+    assert_eq!(endpoint(&[("COCOS_JAEGER_URL", "")]), None);
+    assert_eq!(endpoint(&[("COCOS_JAEGER_TRACE_RATIO", "0")]), None);
+    assert!(endpoint(&[("COCOS_JAEGER_TRACE_RATIO", "0.25")]).is_some());
+}
+
+#[test]
+fn bad_collector_urls_are_refused_naming_the_variable() {
+    for (url, reason) in [
+        ("localhost:4318", "http:// or https://"),
+        ("ftp://c:21", "http:// or https://"),
+        ("http://", "no host"),
+        ("http://:4318", "no host"),
+        ("http://user:secret@c:4318", "user or password"),
+        ("http://c:4318/?x=1", "query"),
+        ("http://c :4318", "spaces"),
+    ] {
+        let message = load_err(None, &[("COCOS_JAEGER_URL", url)]);
+        assert!(
+            message.contains("COCOS_JAEGER_URL") && message.contains(reason),
+            "{url:?} gave {message:?}"
+        );
+    }
+    // The password is not repeated in the message.
+    let message = load_err(None, &[("COCOS_JAEGER_URL", "http://user:secret@c:4318")]);
+    assert!(
+        !message.contains("secret") && message.contains("<redacted>@c:4318"),
+        "{message}"
+    );
+}

@@ -20,7 +20,7 @@ use cocos_core::qemu::{command_line, shell_quote, LaunchSpec, VmPaths};
 use cocos_core::record::LaunchFacts;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use super::files::{self, VmUser};
 use super::qmp::{Qmp, QmpEvent};
@@ -30,6 +30,7 @@ use crate::error::ApiError;
 use crate::ports::{Release, Reserve};
 use crate::process::{pidfd_signal, ExitStatus, Identity};
 use crate::reaper::{ChildExited, Spawn, SpawnAs};
+use crate::telemetry::{record_error, SPAN_TARGET};
 
 /// How many ports a first boot tries when QEMU reports the forwarded port
 /// taken (another process bound it after our probe).
@@ -145,10 +146,40 @@ enum Readiness {
 impl Launcher {
     /// Measures the launch, makes the VM's files, reserves a port and
     /// launches. On error the port is released; the caller removes the files.
-    pub async fn first_boot(mut self, create: ValidatedCreate) -> Result<FirstBoot, ApiError> {
+    /// Its steps are spans below `vm.boot`, a child of `parent` (the
+    /// create's request).
+    pub async fn first_boot(
+        self,
+        create: ValidatedCreate,
+        parent: Span,
+    ) -> Result<FirstBoot, ApiError> {
+        let span = info_span!(
+            target: SPAN_TARGET,
+            parent: &parent,
+            "vm.boot",
+            vm = %self.id,
+            port = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        let result = self.boot_steps(create).instrument(span.clone()).await;
+        match &result {
+            Ok(first) => {
+                // Integers as i64: OpenTelemetry has no unsigned ones.
+                span.record("port", i64::from(first.launched.port));
+            }
+            Err(e) => record_error(&span, e),
+        }
+        result
+    }
+
+    async fn boot_steps(mut self, create: ValidatedCreate) -> Result<FirstBoot, ApiError> {
         // Before anything is made: a launch we cannot attest is refused, and
         // so is one whose QEMU user does not exist.
-        let attestation = self.attestation(&create).await?;
+        let attestation = self
+            .attestation(&create)
+            .instrument(step_span("vm.attestation", &self.id))
+            .await?;
         let plan = crate::process::qemu_drop_plan(&self.config)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
         // File work runs off the actor thread.
@@ -158,17 +189,24 @@ impl Launcher {
             self.id.clone(),
             create.clone(),
         );
-        tokio::task::spawn_blocking(move || {
+        let files_span = step_span("vm.files", &self.id);
+        let prepared = tokio::task::spawn_blocking(move || {
             files::prepare(&config, &paths, &id, &request, plan.as_ref())
         })
+        .instrument(files_span.clone())
         .await
-        .map_err(|e| ApiError::Internal(format!("file preparation did not finish: {e}")))?
-        .map_err(|e| e.to_api("cannot prepare the VM's files"))?;
+        .map_err(|e| ApiError::Internal(format!("file preparation did not finish: {e}")))
+        .and_then(|made| made.map_err(|e| e.to_api("cannot prepare the VM's files")));
+        failed_step(&files_span, prepared)?;
         if self.config.qemu_enable_disk {
-            self.prepare_disk().await?;
+            let span = step_span("vm.disk", &self.id);
+            let made = self.prepare_disk().instrument(span.clone()).await;
+            failed_step(&span, made)?;
         }
         if attestation.vtpm {
-            self.prepare_tpm().await?;
+            let span = step_span("vm.tpm_setup", &self.id);
+            let made = self.prepare_tpm().instrument(span.clone()).await;
+            failed_step(&span, made)?;
         }
         let mut port = self.reserve_port().await?;
         let mut tries = 1;
@@ -466,7 +504,21 @@ impl Launcher {
                 ))
             })?;
         }
-        let result = self.launch_as(argv, port, user.as_ref()).await;
+        let span = info_span!(
+            target: SPAN_TARGET,
+            "vm.launch",
+            vm = %self.id,
+            port = i64::from(port),
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        let result = self
+            .launch_as(argv, port, user.as_ref())
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &result {
+            record_error(&span, &e.error);
+        }
         if let Some(user) = &user {
             match files::close_window(&self.paths, user) {
                 Ok(removed) if removed.is_empty() => {}
@@ -498,7 +550,9 @@ impl Launcher {
         // The command decides, not today's configuration: a VM keeps the
         // devices it was created with across restarts and reloads.
         let swtpm = if argv.iter().any(|a| a == QEMU_TPMDEV) {
-            Some(self.start_swtpm(user).await.map_err(LaunchError::fatal)?)
+            let span = step_span("vm.swtpm", &self.id);
+            let started = self.start_swtpm(user).instrument(span.clone()).await;
+            Some(failed_step(&span, started).map_err(LaunchError::fatal)?)
         } else {
             None
         };
@@ -544,6 +598,14 @@ impl Launcher {
         let _ = writeln!(log, "--- {stamp} starting: {quoted}");
         // A socket left by an earlier run must not be mistaken for this one.
         let _ = std::fs::remove_file(&self.paths.qmp_socket);
+        let spawn_span = info_span!(
+            target: SPAN_TARGET,
+            "vm.spawn",
+            vm = %self.id,
+            pid = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
         let spawned = self
             .services
             .reaper
@@ -556,24 +618,43 @@ impl Launcher {
                 user: user.map(|u| u.plan.clone()),
                 fds: Vec::new(),
             })
+            .instrument(spawn_span.clone())
             .await
-            .map_err(|e| fatal(e.into()))?
-            .map_err(|e| {
-                fatal(ApiError::StartFailed(format!(
-                    "cannot start {}: {e}",
-                    argv.first().map(String::as_str).unwrap_or("QEMU")
-                )))
-            })?;
+            .map_err(ApiError::from)
+            .and_then(|spawned| {
+                spawned.map_err(|e| {
+                    ApiError::StartFailed(format!(
+                        "cannot start {}: {e}",
+                        argv.first().map(String::as_str).unwrap_or("QEMU")
+                    ))
+                })
+            });
+        let spawned = failed_step(&spawn_span, spawned).map_err(fatal)?;
+        spawn_span.record("pid", spawned.pid);
+        drop(spawn_span);
         let pid = spawned.pid;
         let pidfd = Arc::new(spawned.pidfd);
         let identity = spawned.identity;
         let spawned_at = begun.elapsed();
         // Into the VM's cgroup right after the spawn, before QMP answers:
         // the rest of QEMU's start-up and the guest's memory are charged there.
+        let ready_span = step_span("vm.qmp_ready", &self.id);
         let ready = match crate::cgroups::attach(&self.id, pid) {
-            Ok(()) => self.wait_ready(pid, port).await,
+            Ok(()) => {
+                self.wait_ready(pid, port)
+                    .instrument(ready_span.clone())
+                    .await
+            }
             Err(e) => Err(Readiness::Failed(e)),
         };
+        match &ready {
+            Ok(_) => {}
+            Err(Readiness::Exited(status)) => {
+                record_error(&ready_span, &format!("QEMU exited at start ({status})"))
+            }
+            Err(Readiness::Failed(reason)) => record_error(&ready_span, reason),
+        }
+        drop(ready_span);
         debug!(vm = %self.id, spawn = ?spawned_at, ready = ?begun.elapsed(), "launch timing");
         match (ready, identity) {
             (Ok(qmp), Some(identity)) => Ok(Launched {
@@ -679,4 +760,26 @@ impl Launcher {
         }
         Ok(qmp)
     }
+}
+
+/// The span of one step of a VM's launch, a child of the current one.
+fn step_span(name: &'static str, vm: &str) -> Span {
+    // One call site per name would be needed for a name of its own in
+    // `tracing`; the OpenTelemetry name is the field instead.
+    info_span!(
+        target: SPAN_TARGET,
+        "vm.step",
+        otel.name = name,
+        vm = %vm,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    )
+}
+
+/// `result`, recorded on the step's span when it failed.
+fn failed_step<T>(span: &Span, result: Result<T, ApiError>) -> Result<T, ApiError> {
+    if let Err(e) = &result {
+        record_error(span, e);
+    }
+    result
 }

@@ -22,7 +22,7 @@ use cocos_core::record::{LaunchFacts, LaunchInfo, ProcessRecord, VmRecord, RECOR
 use cocos_core::restart::ExitKind;
 use nix::sys::signal::Signal;
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use self::launch::{
     end_process, exit_of, ExitBook, FirstBoot, Helper, Launched, Launcher, EXIT_BOOK_LEN,
@@ -85,7 +85,11 @@ pub struct Services {
 /// Start the VM; answers when QEMU is really up, or with why it is not.
 #[derive(Message)]
 #[rtype(result = "Result<Booted, ApiError>")]
-pub struct Boot(pub ValidatedCreate);
+pub struct Boot(
+    pub ValidatedCreate,
+    /// The create's span: the parent of the launch's spans.
+    pub tracing::Span,
+);
 
 #[derive(Debug, Clone)]
 pub struct Booted {
@@ -305,7 +309,11 @@ impl CvmActor {
                 if let Some(timer) = self.stage_timer.take() {
                     ctx.cancel_future(timer);
                 }
+                // The stage's span lives as long as its timer: it ends when
+                // QEMU is gone (the timer is cancelled) or the stage runs out.
+                let span = crate::telemetry::StopStageSpan::new(&self.id, stage, after);
                 self.stage_timer = Some(ctx.run_later(after, move |act, ctx| {
+                    span.ran_out();
                     act.stage_timer = None;
                     act.handle_event(ctx, Event::StageTimeout(stage));
                 }));
@@ -484,6 +492,7 @@ impl CvmActor {
         let grace = self.config.stop_term_timeout;
         let paths = self.paths.clone();
         let id = self.id.clone();
+        let span = crate::telemetry::release_span(&self.id);
         ctx.spawn(
             async move {
                 if let Some(helper) = helper {
@@ -497,6 +506,7 @@ impl CvmActor {
                 .await
                 .unwrap_or_else(|e| Err(format!("file removal did not finish: {e}")))
             }
+            .instrument(span)
             .into_actor(self)
             .map(move |removed, act, ctx| {
                 if let Err(e) = removed {
@@ -711,7 +721,7 @@ impl Handler<Boot> for CvmActor {
     type Result = ResponseFuture<Result<Booted, ApiError>>;
 
     fn handle(&mut self, msg: Boot, ctx: &mut Self::Context) -> Self::Result {
-        let create = msg.0;
+        let Boot(create, span) = msg;
         self.ttl_deadline = create
             .ttl
             .and_then(|ttl| SystemTime::now().checked_add(ttl));
@@ -719,7 +729,7 @@ impl Handler<Boot> for CvmActor {
         let (answer, answered) = oneshot::channel();
         ctx.spawn(
             launcher
-                .first_boot(create)
+                .first_boot(create, span)
                 .into_actor(self)
                 .map(|result, act, ctx| act.after_first_boot(ctx, result, answer)),
         );

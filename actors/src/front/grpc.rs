@@ -261,7 +261,9 @@ impl ManagerService for ManagerApi {
         // Never the request itself: its derived Debug prints the secrets.
         debug!(request = ?Redacted(&req), "CreateVm");
         let validated = validate_create(&req).map_err(refused("CreateVm"))?;
-        let mut pending = PendingCreate::start(&self.supervisor, CreateVm(validated));
+        // The request's span (see telemetry) parents the launch's spans.
+        let span = tracing::Span::current();
+        let mut pending = PendingCreate::start(&self.supervisor, CreateVm(validated, span));
         match pending.wait(deadline.limit).await {
             Some(result) => Ok(Response::new(result?)),
             None => Err(deadline.exceeded("CreateVm", CREATE_FATE).into()),
@@ -454,7 +456,7 @@ impl GrpcServer {
             .set_service_status("", ServingStatus::Serving)
             .await;
         let limits = self.limits;
-        let mut builder = Server::builder()
+        let builder = Server::builder()
             .max_concurrent_streams(limits.max_streams)
             .concurrency_limit_per_connection(limits.max_streams as usize)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
@@ -499,7 +501,9 @@ impl GrpcServer {
             .with_nodelay(Some(true))
             .with_keepalive(Some(TCP_KEEPALIVE));
         let incoming = LimitedIncoming::new(incoming, limits.max_connections, FIRST_BYTES_TIMEOUT);
+        // A span per request, on every service of the port.
         let router = builder
+            .layer(crate::telemetry::RpcSpanLayer)
             .add_service(api)
             .add_service(operator)
             .add_service(self.health_service)
