@@ -285,7 +285,17 @@ async fn a_vm_cgroup_is_found_again_after_a_manager_restart_and_goes_with_the_vm
     // A group left by a VM that is gone (no process in it, no VM of the
     // manager's) is removed at start.
     let stale = groups_of_new_id(&parents);
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
     for dir in stale.values() {
+        std::fs::create_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        std::fs::File::open(dir)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+    // An empty group made moments ago may be another manager's, about to
+    // take its QEMU: left alone.
+    let fresh = groups_of_new_id(&parents);
+    for dir in fresh.values() {
         std::fs::create_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     }
     manager.spawn();
@@ -303,6 +313,13 @@ async fn a_vm_cgroup_is_found_again_after_a_manager_restart_and_goes_with_the_vm
         "a gone VM's cgroup was left: {stale:?}\n{}",
         manager.log()
     );
+    assert!(
+        fresh.values().all(|dir| dir.exists()),
+        "a group made moments ago was removed: {fresh:?}"
+    );
+    for dir in fresh.values() {
+        std::fs::remove_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
     assert_limits(&groups, &limits);
     assert_members(&groups, &[qemu, swtpm[0]]);
     // Still reported after the restart.

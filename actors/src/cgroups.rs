@@ -524,6 +524,7 @@ pub fn usages() -> Vec<(String, Usage)> {
 /// for to die). Blocking.
 fn sweep(host: &Host) {
     let mut ids = BTreeSet::new();
+    let mut young = BTreeSet::new();
     for dir in host.base_dirs() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -531,12 +532,22 @@ fn sweep(host: &Host) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(id) = pure::id_of_group(&name) {
+                // An empty group made moments ago may be another manager's
+                // (one per state directory) about to move its QEMU in.
+                let age = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_none_or(|age| age < SWEEP_MIN_AGE) {
+                    young.insert(id.to_string());
+                }
                 ids.insert(id.to_string());
             }
         }
     }
     for id in ids {
-        if registered(&id) || !host.group(&id).procs().is_empty() {
+        if registered(&id) || young.contains(&id) || !host.group(&id).procs().is_empty() {
             continue;
         }
         info!(vm = %id, cgroup = %pure::group_name(&id), "removing the cgroup of a VM that is gone");
@@ -544,9 +555,23 @@ fn sweep(host: &Host) {
     }
 }
 
-/// At start, once the VMs left running are re-adopted: finds the host's
-/// cgroups (or says once why they are not used) and removes the groups of
-/// VMs that are gone.
+/// How old an empty VM group must be before the sweep at start removes it.
+const SWEEP_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// At start, before the VMs left running are re-adopted (a VM found gone
+/// then has its group removed with the rest of it): finds the host's
+/// cgroups, or says once why they are not used.
+pub async fn find_host(config: Arc<Config>) {
+    if tokio::task::spawn_blocking(move || host(&config).is_some())
+        .await
+        .is_err()
+    {
+        error!("looking for the host's cgroups did not finish");
+    }
+}
+
+/// At start, once the VMs left running are re-adopted: removes the groups
+/// of VMs that are gone.
 pub async fn start(config: Arc<Config>) {
     if config.cgroups == CgroupMode::Off {
         info!("per-VM cgroups are off (MANAGER_CGROUPS=off)");

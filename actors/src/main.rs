@@ -337,12 +337,13 @@ async fn run(source: ConfigSource, config: Config, telemetry: &Telemetry) -> Exi
         error!("{e}");
         return ExitCode::from(2);
     }
+    cgroups::find_host(config.clone()).await;
     // Requests are served only once the VMs left running are ours again.
     match supervisor.send(Readopt).await {
         Ok(count) => info!(count, "VMs re-adopted"),
         Err(e) => error!(error = %e, "re-adoption failed"),
     }
-    // Per-VM cgroups: found (or warned about) once; those of VMs gone removed.
+    // Per-VM cgroups of VMs gone while no manager ran: removed.
     cgroups::start(config.clone()).await;
 
     let grpc = match front::grpc::GrpcServer::bind(&config, supervisor.clone()).await {
