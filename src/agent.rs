@@ -1,7 +1,37 @@
 //! The guest agent's health answer, as `managerctl create --wait` and the
 //! manager's create-to-agent-ready metric read it: both send
 //! `GET /health` to the VM's forwarded port and need only the status code
-//! of the answer's first line. Pure: the callers own the sockets.
+//! of the answer's first line. The callers open (and bound) the
+//! connection; this module only speaks over it.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Sends `GET /health` over `stream` (a connection the caller opened to
+/// `host`:`port`) and reads the answer up to its status line: the HTTP
+/// status, or why there was none. Reads at most 4 KiB; the caller bounds
+/// the time.
+pub async fn exchange<S>(stream: &mut S, host: &str, port: u16) -> Result<u16, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(health_request(host, port).as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 256];
+    while !has_status_line(&head) && head.len() < 4096 {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    parse_status(&head)
+}
 
 /// The status code of an HTTP/1.x status line (`head` is what was read of
 /// the answer so far, at least its first line when there is one).

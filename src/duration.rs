@@ -1,5 +1,6 @@
 //! Go `time.ParseDuration` syntax, which Cocos clients use for TTLs and the
-//! original manager for its timeouts: `90s`, `1h30m0s`, `1.5h`, `300ms`.
+//! original manager for its timeouts: `90s`, `1h30m0s`, `1.5h`, `300ms`;
+//! and the calendar date of a Unix day, for the UTC times tools print.
 
 use std::time::Duration;
 
@@ -141,9 +142,34 @@ pub fn format_go_duration(d: Duration) -> String {
     out
 }
 
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (H. Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_of_unix_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(59), (1970, 3, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_088), (2024, 12, 31));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)

@@ -122,14 +122,7 @@ async fn http_health_endpoint() {
 
 #[test]
 fn bad_configuration_is_refused_at_start() {
-    let out = Command::new(manager_binary())
-        .env_clear()
-        .env("MANAGER_QEMU_SMP_COUNT", "lots")
-        .env("MANAGER_STATE_DIR", "/tmp/cocos-unused")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(&[("MANAGER_QEMU_SMP_COUNT", "lots")]);
     assert!(
         stderr.contains("MANAGER_QEMU_SMP_COUNT") && stderr.contains("lots"),
         "{stderr}"

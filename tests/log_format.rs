@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 use std::time::Duration;
 
 use cocos_core::proto::CvmInfoReq;
@@ -129,14 +128,7 @@ async fn text_lines_carry_no_timestamp_under_the_journal() {
 
 #[test]
 fn a_bad_log_format_is_refused_at_start() {
-    let out = Command::new(manager_binary())
-        .env_clear()
-        .env("MANAGER_LOG_FORMAT", "yaml")
-        .env("MANAGER_STATE_DIR", "/tmp/cocos-unused")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(&[("MANAGER_LOG_FORMAT", "yaml")]);
     assert!(
         stderr.contains("configuration error")
             && stderr.contains("MANAGER_LOG_FORMAT")

@@ -33,7 +33,7 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use cocos_core::agent::{has_status_line, health_request, parse_status};
+use cocos_core::agent::exchange;
 use cocos_core::cgroup::Usage;
 use cocos_core::events::{EventKind, ExitCause, VmState, VmView};
 use prometheus_client::collector::Collector;
@@ -47,7 +47,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use prost::Message as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -473,24 +472,7 @@ async fn probe(host: IpAddr, port: u16) -> Result<u16, String> {
         let mut stream = tokio::net::TcpStream::connect((host, port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let request = health_request(&host.to_string(), port);
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let mut head = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !has_status_line(&head) && head.len() < 4096 {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        parse_status(&head)
+        exchange(&mut stream, &host.to_string(), port).await
     };
     tokio::time::timeout(AGENT_PROBE_TIMEOUT, attempt)
         .await

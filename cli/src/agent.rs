@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-// The pure parts are shared with the manager's create-to-agent-ready metric.
-use cocos_core::agent::{has_status_line, health_request, parse_status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+// Shared with the manager's create-to-agent-ready metric.
+use cocos_core::agent::exchange;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -20,25 +19,7 @@ pub async fn probe(host: &str, port: u16) -> Result<u16, String> {
         let mut stream = TcpStream::connect((host, port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let request = health_request(host, port);
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        // The status line is all that matters; read up to its end.
-        let mut head = Vec::with_capacity(256);
-        let mut buf = [0u8; 256];
-        while !has_status_line(&head) && head.len() < 4096 {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        parse_status(&head)
+        exchange(&mut stream, host, port).await
     };
     match tokio::time::timeout(PROBE_LIMIT, attempt).await {
         Ok(result) => result,
@@ -76,17 +57,7 @@ pub async fn wait_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(parse_status(b"HTTP/1.0 200 OK\r\n\r\nok"), Ok(200));
-        assert_eq!(
-            parse_status(b"HTTP/1.1 503 Service Unavailable\r\n"),
-            Ok(503)
-        );
-        assert!(parse_status(b"").is_err());
-        assert!(parse_status(b"SSH-2.0-x\r\n").is_err());
-    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn waits_until_an_agent_answers() {

@@ -592,3 +592,17 @@ pub async fn assert_nothing_left(manager: &Manager) {
         "{metrics}"
     );
 }
+
+/// Runs the manager with nothing but `env` (and a state directory it never
+/// gets to use), asserts it refused to start with exit code 2 (a
+/// configuration error), and returns what it said on stderr.
+pub fn refused_at_start(env: &[(&str, &str)]) -> String {
+    let out = Command::new(manager_binary())
+        .env_clear()
+        .envs(env.iter().copied())
+        .env("MANAGER_STATE_DIR", "/tmp/cocos-unused")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
