@@ -19,6 +19,7 @@ mod process;
 mod reaper;
 mod records;
 mod signals;
+mod spawn;
 mod supervisor;
 mod telemetry;
 #[cfg(feature = "test-hooks")]

@@ -7,8 +7,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 
 use actix::prelude::*;
 use cocos_core::privilege::DropPlan;
@@ -18,6 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::process::{pidfd_open, ExitStatus};
 use crate::signals::SignalPipe;
+use crate::spawn;
 
 /// Sent to whoever asked for a child when that child has been reaped.
 #[derive(Message, Debug, Clone, Copy)]
@@ -123,55 +122,8 @@ impl Handler<SpawnAs> for ZombieReaper {
     }
 }
 
-/// What the child does between fork and exec; only async-signal-safe
-/// calls on data prepared before the fork.
-struct ChildSetup {
-    /// Descriptors to put at 3, 4, …, all numbered above those targets.
-    fds: Vec<RawFd>,
-    /// uid, gid, supplementary groups.
-    user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
-}
-
-impl ChildSetup {
-    fn run(&self) -> io::Result<()> {
-        let check = |rc: libc::c_int| {
-            if rc < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        for (i, fd) in self.fds.iter().enumerate() {
-            // dup2's copy is not close-on-exec: it survives the exec.
-            // SAFETY: both are plain descriptor numbers.
-            check(unsafe { libc::dup2(*fd, FIRST_PASSED_FD + i as RawFd) })?;
-        }
-        if let Some((uid, gid, groups)) = &self.user {
-            // Groups first, then the gid, then the uid: each step needs the
-            // privilege the next one gives up.
-            // SAFETY: `groups` is a live slice of its length.
-            check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
-            // SAFETY: plain ids.
-            check(unsafe { libc::setresgid(*gid, *gid, *gid) })?;
-            // SAFETY: plain ids.
-            check(unsafe { libc::setresuid(*uid, *uid, *uid) })?;
-            // No way back: a process that could become root again is not
-            // what the plan said.
-            // SAFETY: setuid with a plain id; it must fail here.
-            if *uid != 0 && unsafe { libc::setuid(0) } == 0 {
-                return Err(io::Error::from_raw_os_error(libc::EPERM));
-            }
-            // Neither setuid binaries nor file capabilities can raise it
-            // again (QEMU's seccomp sandbox relies on it too).
-            // SAFETY: prctl with integer arguments.
-            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-        }
-        Ok(())
-    }
-}
-
 /// The descriptor number the first of `SpawnAs::fds` gets in the child.
-pub const FIRST_PASSED_FD: RawFd = 3;
+pub const FIRST_PASSED_FD: RawFd = crate::spawn::FIRST_PASSED_FD;
 
 impl ZombieReaper {
     fn start(
@@ -180,20 +132,7 @@ impl ZombieReaper {
         user: Option<DropPlan>,
         fds: Vec<OwnedFd>,
     ) -> io::Result<Spawned> {
-        let (program, args) = msg
-            .argv
-            .split_first()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
-        let stderr = msg.output.try_clone()?;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(msg.output)
-            .stderr(stderr)
-            // Its own process group: a Ctrl-C meant for the manager must not
-            // reach the VMs.
-            .process_group(0);
+        let stdin = File::open("/dev/null")?;
         // Copies numbered above every target, so that putting one in place
         // cannot overwrite another; close-on-exec, so none leaks.
         let above = FIRST_PASSED_FD + fds.len() as RawFd;
@@ -210,22 +149,22 @@ impl ZombieReaper {
             })
             .collect::<io::Result<Vec<OwnedFd>>>()?;
         drop(fds);
-        let setup = ChildSetup {
-            fds: copies.iter().map(AsRawFd::as_raw_fd).collect(),
-            user: user.map(|plan| (plan.uid, plan.gid, plan.groups)),
-        };
-        if !setup.fds.is_empty() || setup.user.is_some() {
-            // SAFETY: `run` makes only async-signal-safe calls (dup2,
-            // setgroups, setresgid, setresuid, setuid, prctl) on data made
-            // before the fork, and allocates nothing.
-            unsafe { command.pre_exec(move || setup.run()) };
-        }
-        let child = command.spawn()?;
-        // The child has its own copies now (or failed to start).
+        let passed: Vec<RawFd> = copies.iter().map(AsRawFd::as_raw_fd).collect();
+        let user = user.map(|plan| (plan.uid, plan.gid, plan.groups));
+        let pid = spawn::spawn(&spawn::Plan {
+            argv: &msg.argv,
+            stdio: [
+                stdin.as_raw_fd(),
+                msg.output.as_raw_fd(),
+                msg.output.as_raw_fd(),
+            ],
+            passed: &passed,
+            user: user
+                .as_ref()
+                .map(|(u, g, groups)| (*u, *g, groups.as_slice())),
+        })?;
+        // The child has its own copies now.
         drop(copies);
-        let pid = child.id() as i32;
-        // Dropping a std Child neither kills nor waits; we own its exit.
-        drop(child);
         let pidfd = pidfd_open(pid)?;
         self.watched.insert(pid, msg.notify);
         let identity = crate::process::identify(pid);
