@@ -347,10 +347,31 @@ async fn run(source: ConfigSource, config: Config, telemetry: &Telemetry) -> Exi
     // Per-VM cgroups of VMs gone while no manager ran: removed.
     cgroups::start(config.clone()).await;
 
-    let grpc = match front::grpc::GrpcServer::bind(&config, supervisor.clone()).await {
-        Ok(server) => server,
+    // The gRPC front on threads of its own: decoding, encoding and the
+    // per-request layers do not queue behind the actors on this thread.
+    let front_runtime = match FrontRuntime::new() {
+        Ok(runtime) => runtime,
         Err(e) => {
+            error!(error = %e, "cannot start the gRPC front's threads");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bound = front_runtime
+        .handle()
+        .spawn({
+            let config = config.clone();
+            let supervisor = supervisor.clone();
+            async move { front::grpc::GrpcServer::bind(&config, supervisor).await }
+        })
+        .await;
+    let grpc = match bound {
+        Ok(Ok(server)) => server,
+        Ok(Err(e)) => {
             error!("{e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            error!(error = %e, "binding the gRPC port did not finish");
             return ExitCode::FAILURE;
         }
     };
@@ -367,7 +388,7 @@ async fn run(source: ConfigSource, config: Config, telemetry: &Telemetry) -> Exi
     };
     let health = grpc.health.clone();
     let grpc_tls = grpc.tls_reloader();
-    let grpc_task = tokio::spawn(grpc.serve(stop_rx.clone()));
+    let grpc_task = front_runtime.handle().spawn(grpc.serve(stop_rx.clone()));
     let http_task = tokio::spawn({
         let config = config.clone();
         let supervisor = supervisor.clone();
@@ -445,6 +466,40 @@ async fn run(source: ConfigSource, config: Config, telemetry: &Telemetry) -> Exi
     info!("cocos-manager stopped");
     System::current().stop();
     ExitCode::SUCCESS
+}
+
+/// Threads of the gRPC front.
+const FRONT_THREADS: usize = 2;
+
+/// The gRPC front's own runtime; shut down without blocking when dropped
+/// (the daemon's main task is async, where a runtime may not block).
+struct FrontRuntime(Option<tokio::runtime::Runtime>);
+
+impl FrontRuntime {
+    fn new() -> std::io::Result<FrontRuntime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(FRONT_THREADS)
+            .thread_name("grpc-front")
+            .enable_all()
+            .build()
+            .map(|runtime| FrontRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle().clone(),
+            // Only `drop` takes it.
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for FrontRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// How long the gRPC and HTTP servers may take to close their
