@@ -56,6 +56,9 @@ pub struct VmRecord {
     /// When the VM was created, as milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_ms: Option<u64>,
+    /// Restarts supervision has carried out so far.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +258,7 @@ mod tests {
                 swtpm: None,
                 launch: Some(LaunchFacts::new(&config, "", None)),
                 created_ms: Some(1_699_999_000_000),
+                restarts: 0,
             },
             config.state_dir,
         )

@@ -321,6 +321,29 @@ async fn list_vms_after_a_manager_restart_shows_readopted_vms() {
     let (a, a_port) = create(&mut client).await;
     let (b, _) = create_with_ttl(&mut client, "1h").await;
     let mut op = operator(&manager).await;
+    // A crashes once and is restarted: the count is kept in its record.
+    let first = qemu_pid(&a).await;
+    kill9(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let vms = op
+            .list_vms(ListVmsRequest {})
+            .await
+            .expect("ListVms")
+            .into_inner()
+            .vms;
+        let restarted = vms.iter().any(|v| {
+            v.id == a && v.restarts == 1 && v.state() == VmState::Running && v.pid != first
+        });
+        if restarted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A not restarted: {vms:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let before = op
         .list_vms(ListVmsRequest {})
         .await
@@ -372,6 +395,8 @@ async fn list_vms_after_a_manager_restart_shows_readopted_vms() {
         assert_eq!(vm.state(), VmState::Running);
         assert_eq!((vm.pid, vm.port), (old.pid, old.port));
         assert_eq!(vm.created_unix_ms, old.created_unix_ms);
+        assert_eq!(vm.restarts, old.restarts);
+        assert_eq!(vm.restarts, u32::from(vm.id == a));
         assert!(vm.uptime_ms >= old.uptime_ms, "{vm:?} {old:?}");
         assert_eq!(vm.ttl_left_ms.is_some(), vm.id == b);
     }

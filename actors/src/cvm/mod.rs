@@ -146,7 +146,7 @@ pub struct CvmActor {
     /// Release has begun (helpers ending, files going); done once released.
     releasing: bool,
     released: bool,
-    /// Restarts supervision carried out (since this manager took the VM).
+    /// Restarts supervision carried out (kept in the record).
     restarts: u32,
     /// When the current process started (None without a process).
     started: Option<SystemTime>,
@@ -221,6 +221,7 @@ impl CvmActor {
         actor.launch = record.launch.clone();
         actor.paths = record.paths.clone();
         actor.argv = record.argv.clone();
+        actor.restarts = record.restarts;
         if let Some(ms) = record.created_ms {
             actor.created = UNIX_EPOCH + Duration::from_millis(ms);
         }
@@ -418,6 +419,7 @@ impl CvmActor {
             }),
             launch: self.launch.clone(),
             created_ms: Some(unix_ms(self.created)),
+            restarts: self.restarts,
         })
     }
 
