@@ -611,66 +611,11 @@ fn environment_variables_configure_the_connection() {
     assert_eq!(run.stdout.trim(), format!("removed VM {id}"));
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new(require_tool("openssl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA, a server certificate for localhost and a client certificate (P-256).
 fn make_pki(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=test-ca"];
-    ca.extend_from_slice(&ec);
-    ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem"]);
-    openssl(dir, &ca);
-    for (name, cn) in [("server", "localhost"), ("client", "cocos-cli")] {
-        let (key, csr, ext, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.ext"),
-            format!("{name}.pem"),
-        );
-        let subject = format!("/CN={cn}");
-        let mut req = vec!["req", "-subj", &subject];
-        req.extend_from_slice(&ec);
-        req.extend_from_slice(&["-keyout", &key, "-out", &csr]);
-        openssl(dir, &req);
-        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{cn}\n")).expect("ext");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-                "-out",
-                &pem,
-            ],
-        );
-    }
+    make_ca(dir, "ca", false);
+    issue(dir, "ca", "server", "localhost", false);
+    issue(dir, "ca", "client", "cocos-cli", false);
 }
 
 #[test]

@@ -13,74 +13,6 @@ use common::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new(require_tool("openssl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Arguments of `openssl req` for a new key: RSA (as most operators have)
-/// or P-256 (quicker to make).
-fn new_key(rsa: bool) -> &'static [&'static str] {
-    if rsa {
-        &["-newkey", "rsa:2048"]
-    } else {
-        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-    }
-}
-
-/// A self-signed CA `<name>.pem` with its key `<name>.key`.
-fn make_ca(dir: &Path, name: &str, rsa: bool) {
-    let mut args = vec!["req", "-x509"];
-    args.extend_from_slice(new_key(rsa));
-    let subject = format!("/CN=test-{name}");
-    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-    args.extend_from_slice(&[
-        "-nodes", "-days", "2", "-subj", &subject, "-keyout", &key, "-out", &pem,
-    ]);
-    openssl(dir, &args);
-}
-
-/// A certificate `<name>.pem` (key `<name>.key`) for `cn`, signed by CA `ca`.
-fn issue(dir: &Path, ca: &str, name: &str, cn: &str, rsa: bool) {
-    let mut args = vec!["req"];
-    args.extend_from_slice(new_key(rsa));
-    let subject = format!("/CN={cn}");
-    let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
-    args.extend_from_slice(&["-nodes", "-subj", &subject, "-keyout", &key, "-out", &csr]);
-    openssl(dir, &args);
-    let ext = format!("{name}.ext");
-    std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{cn}\n")).expect("ext");
-    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    );
-}
-
 /// A CA, a server certificate for localhost and a client certificate.
 fn make_pki(dir: &Path) {
     make_ca(dir, "ca", true);
@@ -190,6 +122,26 @@ async fn sighup_and_wait(manager: &Manager, needle: &str) {
     assert!(seen, "no new {needle:?} after SIGHUP:\n{}", manager.log());
 }
 
+/// Two PKIs in `dir` (see `make_two_pkis`), CA a's server certificate
+/// installed as the live one (`live.pem`, `live.key`).
+fn install_two_pkis(dir: &Path) {
+    make_two_pkis(dir);
+    install(dir, "server-a.pem", "live.pem");
+    install(dir, "server-a.key", "live.key");
+}
+
+/// A manager serving the live certificate in `dir`, with `extra` settings.
+fn start_on_server_a(dir: &Path, extra: &[(&str, &str)]) -> Manager {
+    let live = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (cert, key) = (live("live.pem"), live("live.key"));
+    let mut env = vec![
+        ("MANAGER_GRPC_SERVER_CERT", cert.as_str()),
+        ("MANAGER_GRPC_SERVER_KEY", key.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    Manager::start(&env)
+}
+
 /// The SHA-256 of a PEM certificate's DER, as the manager logs it.
 fn fingerprint(pem: &Path) -> String {
     let out = Command::new(require_tool("openssl"))
@@ -238,14 +190,8 @@ const REFUSED: &str = "TLS reload refused";
 async fn sighup_rotates_the_server_certificate_and_open_connections_keep_working() {
     let pki = tempfile::tempdir().expect("dir");
     let dir = pki.path();
-    make_two_pkis(dir);
-    install(dir, "server-a.pem", "live.pem");
-    install(dir, "server-a.key", "live.key");
-    let live = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let manager = Manager::start(&[
-        ("MANAGER_GRPC_SERVER_CERT", &live("live.pem")),
-        ("MANAGER_GRPC_SERVER_KEY", &live("live.key")),
-    ]);
+    install_two_pkis(dir);
+    let manager = start_on_server_a(dir, &[]);
     let port = manager.grpc_port;
     let mut opened_before = connect(port, trusting(dir, "a"))
         .await
@@ -293,14 +239,8 @@ async fn sighup_rotates_the_server_certificate_and_open_connections_keep_working
 async fn a_broken_new_key_or_certificate_keeps_the_old_ones() {
     let pki = tempfile::tempdir().expect("dir");
     let dir = pki.path();
-    make_two_pkis(dir);
-    install(dir, "server-a.pem", "live.pem");
-    install(dir, "server-a.key", "live.key");
-    let live = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let manager = Manager::start(&[
-        ("MANAGER_GRPC_SERVER_CERT", &live("live.pem")),
-        ("MANAGER_GRPC_SERVER_KEY", &live("live.key")),
-    ]);
+    install_two_pkis(dir);
+    let manager = start_on_server_a(dir, &[]);
     let port = manager.grpc_port;
 
     let still_the_old_certificate = |why: &'static str| {
@@ -390,16 +330,10 @@ async fn a_broken_new_key_or_certificate_keeps_the_old_ones() {
 async fn mutual_tls_still_requires_a_client_certificate_after_a_rotation() {
     let pki = tempfile::tempdir().expect("dir");
     let dir = pki.path();
-    make_two_pkis(dir);
-    install(dir, "server-a.pem", "live.pem");
-    install(dir, "server-a.key", "live.key");
+    install_two_pkis(dir);
     install(dir, "a.pem", "clients.pem");
-    let live = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let manager = Manager::start(&[
-        ("MANAGER_GRPC_SERVER_CERT", &live("live.pem")),
-        ("MANAGER_GRPC_SERVER_KEY", &live("live.key")),
-        ("MANAGER_GRPC_CLIENT_CA_CERTS", &live("clients.pem")),
-    ]);
+    let clients = dir.join("clients.pem").to_string_lossy().into_owned();
+    let manager = start_on_server_a(dir, &[("MANAGER_GRPC_CLIENT_CA_CERTS", &clients)]);
     let port = manager.grpc_port;
     let mut client = connect(port, with_identity(trusting(dir, "a"), dir, "client-a"))
         .await

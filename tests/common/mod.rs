@@ -606,3 +606,74 @@ pub fn refused_at_start(env: &[(&str, &str)]) -> String {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+// Test PKIs, made with the openssl tool.
+
+/// Runs `openssl` in `dir`; fails the test with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new(require_tool("openssl"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Arguments of `openssl req` for a new key: RSA (as most operators have)
+/// or P-256 (quicker to make).
+pub fn new_key(rsa: bool) -> &'static [&'static str] {
+    if rsa {
+        &["-newkey", "rsa:2048"]
+    } else {
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    }
+}
+
+/// A self-signed CA `<name>.pem` with its key `<name>.key`.
+pub fn make_ca(dir: &Path, name: &str, rsa: bool) {
+    let mut args = vec!["req", "-x509"];
+    args.extend_from_slice(new_key(rsa));
+    let subject = format!("/CN=test-{name}");
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    args.extend_from_slice(&[
+        "-nodes", "-days", "2", "-subj", &subject, "-keyout", &key, "-out", &pem,
+    ]);
+    openssl(dir, &args);
+}
+
+/// A certificate `<name>.pem` (key `<name>.key`) for `cn`, signed by CA `ca`.
+pub fn issue(dir: &Path, ca: &str, name: &str, cn: &str, rsa: bool) {
+    let mut args = vec!["req"];
+    args.extend_from_slice(new_key(rsa));
+    let subject = format!("/CN={cn}");
+    let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
+    args.extend_from_slice(&["-nodes", "-subj", &subject, "-keyout", &key, "-out", &csr]);
+    openssl(dir, &args);
+    let ext = format!("{name}.ext");
+    std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{cn}\n")).expect("ext");
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
