@@ -108,10 +108,17 @@ pub struct WatchStart {
     pub events: broadcast::Receiver<Arc<wire::VmEvent>>,
 }
 
-/// Where a VM's logs are: (console log, QEMU log).
+/// Where a VM's logs are, with a subscription to lifecycle events taken in
+/// the same step (so a follower sees the VM's removal).
 #[derive(Message)]
-#[rtype(result = "Result<(PathBuf, PathBuf), ApiError>")]
+#[rtype(result = "Result<LogFilesOf, ApiError>")]
 pub struct LogFiles(pub String);
+
+pub struct LogFilesOf {
+    pub console: PathBuf,
+    pub qemu: PathBuf,
+    pub events: broadcast::Receiver<Arc<wire::VmEvent>>,
+}
 
 /// Whether a VM is listed.
 #[derive(Message)]
@@ -526,14 +533,19 @@ impl Handler<Watch> for Supervisor {
 }
 
 impl Handler<LogFiles> for Supervisor {
-    type Result = Result<(PathBuf, PathBuf), ApiError>;
+    type Result = Result<LogFilesOf, ApiError>;
 
     fn handle(&mut self, msg: LogFiles, _ctx: &mut Self::Context) -> Self::Result {
         let entry = self
             .vms
             .get(&msg.0)
             .ok_or_else(|| ApiError::NotFound(format!("no VM with id {:?}", msg.0)))?;
-        Ok(entry.logs.clone())
+        let (console, qemu) = entry.logs.clone();
+        Ok(LogFilesOf {
+            console,
+            qemu,
+            events: self.events.subscribe(),
+        })
     }
 }
 

@@ -696,17 +696,14 @@ impl Handler<Exited> for CvmActor {
             ExitStatus::Signaled(signal) => ExitCode::Signal(signal),
             ExitStatus::Unknown => ExitCode::Unknown,
         };
-        self.last_exit = Some(Exit {
+        let exit = Exit {
             code,
             status: msg.status.to_string(),
             cause: self.exit_cause(msg.kind),
-        });
+        };
+        self.last_exit = Some(exit.clone());
         self.started = None;
-        self.report(EventKind::Exited(Exit {
-            code,
-            status: msg.status.to_string(),
-            cause: self.exit_cause(msg.kind),
-        }));
+        self.report(EventKind::Exited(exit));
         self.handle_event(ctx, Event::Exited(msg.kind));
     }
 }

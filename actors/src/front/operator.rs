@@ -206,18 +206,7 @@ impl Operator for OperatorApi {
                 req.tail_lines
             )));
         }
-        // Subscribed before the files are looked up, so a removal in
-        // between is seen.
-        let WatchStart { events, .. } = ask(
-            &self.supervisor,
-            Watch(Some(req.id.clone())),
-            deadline,
-            "StreamLogs",
-            READ_FATE,
-            false,
-        )
-        .await?;
-        let (console, qemu) = ask(
+        let files = ask(
             &self.supervisor,
             LogFiles(req.id.clone()),
             deadline,
@@ -227,8 +216,8 @@ impl Operator for OperatorApi {
         )
         .await?;
         let path = match source {
-            LogSource::Console => console,
-            LogSource::Qemu => qemu,
+            LogSource::Console => files.console,
+            LogSource::Qemu => files.qemu,
         };
         let lines = LogStream {
             id: req.id,
@@ -237,7 +226,7 @@ impl Operator for OperatorApi {
             tail: req.tail_lines,
             follow: req.follow,
             supervisor: self.supervisor.clone(),
-            events,
+            events: files.events,
             stop: self.stop.clone(),
         }
         .start();
